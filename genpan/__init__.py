@@ -1,0 +1,1 @@
+"""Shared utilities of genpan: the COCO panoptic format, configuration, atomic file I/O."""

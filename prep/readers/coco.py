@@ -1,0 +1,225 @@
+"""COCO panoptic reader (JSON + PNG folder), also the base of every COCO-form panoptic dataset.
+
+Validation follows panopticapi: a PNG segment id missing from the JSON, a JSON segment missing from the
+PNG, an unknown category id, a missing or truncated file and a size mismatch are each a SampleError
+naming the file — never an exception that stops the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from genpan.coco_panoptic import decode_panoptic_png, load_panoptic_json
+from prep.readers.base import (
+    Category,
+    Sample,
+    SampleError,
+    SampleRef,
+    canonical_json,
+    contiguous_train_ids,
+    make_key,
+    sha256_hex,
+)
+from prep.readers.image_header import image_info
+
+
+class CocoPanopticReader:
+    """Reads `panoptic_{split}.json` + its PNG folder + the image folder (+ optional depth PNGs in mm).
+
+    Defaults follow the COCO layout: for `root/annotations/panoptic_val2017.json` the PNGs are in
+    `root/annotations/panoptic_val2017/` and the images in `root/val2017/`.
+    """
+
+    name = "coco"
+
+    def __init__(
+        self,
+        json_path: str | Path,
+        png_dir: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        depth_dir: str | Path | None = None,
+        dataset: str | None = None,
+    ) -> None:
+        self.json_path = Path(json_path)
+        data = load_panoptic_json(self.json_path)
+        split = self.json_path.stem.removeprefix("panoptic_")
+        self.png_dir = Path(png_dir) if png_dir else self.json_path.with_suffix("")
+        self.image_dir = Path(image_dir) if image_dir else self.json_path.parent.parent / split
+        self.depth_dir = Path(depth_dir) if depth_dir else None
+        self.dataset = dataset or self.name
+        self.categories: list[Category] = self._make_categories(data["categories"])
+        self._cat_by_id = {c.id: c for c in self.categories}
+        self._data = data
+
+    # -- hooks for COCO-form datasets -------------------------------------------------------------
+    def _make_categories(self, categories: list[dict[str, Any]]) -> list[Category]:
+        return contiguous_train_ids(categories)
+
+    def _image_path(self, image: dict[str, Any]) -> Path:
+        return self.image_dir / str(image["file_name"])
+
+    def _key(self, image: dict[str, Any]) -> str:
+        return make_key(Path(str(image["file_name"])).stem)
+
+    # -- listing ----------------------------------------------------------------------------------
+    def refs(self) -> list[SampleRef]:
+        images = self._data.get("images", [])
+        by_id: dict[Any, dict[str, Any]] = {}
+        refs: list[SampleRef] = []
+        duplicate_ids: set[Any] = set()
+        for image in images:
+            if image.get("id") in by_id:
+                duplicate_ids.add(image.get("id"))
+            by_id.setdefault(image.get("id"), image)
+        annotations: dict[Any, dict[str, Any]] = {}
+        for ann in self._data["annotations"]:
+            annotations.setdefault(ann.get("image_id"), ann)
+        seen_keys: set[str] = set()
+        for image in images:
+            key = self._key(image)
+            ann = annotations.get(image.get("id"))
+            problem = None
+            if image.get("id") in duplicate_ids:
+                problem = f"duplicate image id {image.get('id')} in {self.json_path.name}"
+            elif key in seen_keys:
+                problem = f"duplicate sample key {key} (two images with the same file name)"
+            elif ann is None:
+                problem = f"no annotation for image id {image.get('id')} in {self.json_path.name}"
+            if problem and key in seen_keys:
+                key = f"{key}_dup{len(refs)}"
+            seen_keys.add(key)
+            label = ann.get("file_name") if ann else None
+            refs.append(
+                SampleRef(
+                    key=key,
+                    dataset=self.dataset,
+                    image_path=str(self._image_path(image)),
+                    label_path=str(self.png_dir / label) if label else None,
+                    depth_path=str(self.depth_dir / f"{Path(label or image['file_name']).stem}.png") if self.depth_dir else None,
+                    segments=tuple(ann.get("segments_info", [])) if ann else (),
+                    meta={"image_id": image.get("id"), "height": image.get("height"), "width": image.get("width")},
+                    problem=problem,
+                )
+            )
+        for image_id in annotations.keys() - by_id.keys():
+            ann = annotations[image_id]
+            refs.append(
+                SampleRef(
+                    key=make_key(f"orphan_{Path(str(ann.get('file_name', image_id))).stem}"),
+                    dataset=self.dataset,
+                    image_path="",
+                    label_path=str(self.png_dir / str(ann.get("file_name", ""))),
+                    problem=f"annotation for image id {image_id} has no entry in 'images' of {self.json_path.name}",
+                )
+            )
+        return refs
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load(self, ref: SampleRef) -> Sample | SampleError:
+        try:
+            return self._load(ref)
+        except SampleProblem as exc:
+            return SampleError(ref.key, ref.dataset, exc.path or ref.image_path, str(exc))
+
+    def _load(self, ref: SampleRef) -> Sample:
+        if ref.problem:
+            raise SampleProblem(ref.problem, ref.label_path or ref.image_path)
+        image_bytes = _read(ref.image_path, "image")
+        try:
+            h, w, ext = image_info(image_bytes)
+        except ValueError as exc:
+            raise SampleProblem(str(exc), ref.image_path) from None
+        exp_h, exp_w = ref.meta.get("height"), ref.meta.get("width")
+        if exp_h is not None and exp_w is not None and (int(exp_h), int(exp_w)) != (h, w):
+            raise SampleProblem(f"image is {h}x{w} but the JSON says {exp_h}x{exp_w}", ref.image_path)
+        if ref.label_path is None:
+            raise SampleProblem("no panoptic label", ref.image_path)
+        label_bytes = _read(ref.label_path, "panoptic PNG")
+        try:
+            pan_ids = decode_panoptic_png(label_bytes, Path(ref.label_path).name)
+        except ValueError as exc:
+            raise SampleProblem(str(exc), ref.label_path) from None
+        if pan_ids.shape != (h, w):
+            raise SampleProblem(f"panoptic PNG is {pan_ids.shape[0]}x{pan_ids.shape[1]} but the image is {h}x{w}", ref.label_path)
+        segments = [dict(s) for s in ref.segments]
+        self._validate_segments(pan_ids, segments, ref.label_path)
+        depth_m, depth_hash = self._load_depth(ref, h, w)
+        return Sample(
+            key=ref.key,
+            dataset=ref.dataset,
+            image_bytes=image_bytes,
+            image_ext=ext,
+            height=h,
+            width=w,
+            pan_ids=pan_ids,
+            segments=segments,
+            depth_m=depth_m,
+            source_path=ref.image_path,
+            image_hash=sha256_hex(image_bytes),
+            label_hash=sha256_hex(label_bytes + canonical_json(segments)),
+            depth_hash=depth_hash,
+        )
+
+    def _validate_segments(self, pan_ids: np.ndarray, segments: list[dict[str, Any]], path: str) -> None:
+        json_ids: list[int] = []
+        for seg in segments:
+            if "id" not in seg or "category_id" not in seg:
+                raise SampleProblem("a segment in segments_info lacks 'id' or 'category_id'", path)
+            if int(seg["category_id"]) not in self._cat_by_id:
+                raise SampleProblem(f"segment {seg['id']} has unknown category id {seg['category_id']}", path)
+            json_ids.append(int(seg["id"]))
+        if len(set(json_ids)) != len(json_ids):
+            raise SampleProblem("duplicate segment ids in segments_info", path)
+        png_ids = set(np.unique(pan_ids).tolist()) - {0}
+        missing_json = sorted(png_ids - set(json_ids))
+        if missing_json:
+            raise SampleProblem(f"PNG segment id(s) {missing_json[:5]} not in the JSON", path)
+        missing_png = sorted(set(json_ids) - png_ids)
+        if missing_png:
+            raise SampleProblem(f"JSON segment id(s) {missing_png[:5]} not in the PNG", path)
+
+    def _load_depth(self, ref: SampleRef, h: int, w: int) -> tuple[np.ndarray | None, str]:
+        if not ref.depth_path:
+            return None, ""
+        data = _read(ref.depth_path, "depth PNG")
+        return decode_depth_png_mm(data, ref.depth_path, h, w), sha256_hex(data)
+
+
+class SampleProblem(Exception):
+    """A bad input found while loading one sample; becomes a SampleError."""
+
+    def __init__(self, reason: str, path: str | None = None) -> None:
+        super().__init__(reason)
+        self.path = path
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SampleProblem(f"{what} file missing", path) from None
+    except OSError as exc:
+        raise SampleProblem(f"cannot read {what}: {exc.strerror or exc}", path) from None
+
+
+def decode_depth_png_mm(data: bytes, path: str, h: int, w: int) -> np.ndarray:
+    """uint16 PNG in millimetres → float32 metres (0 = no measurement), with checks."""
+    depth = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if depth is None:
+        raise SampleProblem("depth PNG is not decodable", path)
+    if depth.ndim != 2 or depth.dtype != np.uint16:
+        raise SampleProblem(f"depth PNG must be single-channel 16-bit (mm), got {depth.dtype} shape {depth.shape}", path)
+    if depth.shape != (h, w):
+        raise SampleProblem(f"depth PNG is {depth.shape[0]}x{depth.shape[1]} but the image is {h}x{w}", path)
+    return depth.astype(np.float32) / 1000.0
+
+
+def coco_layout(root: str | Path, split: str, with_depth: bool = False, dataset: str = "coco") -> CocoPanopticReader:
+    """Reader for the COCO directory layout (`root/annotations/panoptic_{split}.json`, ...)."""
+    root = Path(root)
+    depth_dir = root / f"depth_{split}" if with_depth else None
+    return CocoPanopticReader(root / "annotations" / f"panoptic_{split}.json", depth_dir=depth_dir, dataset=dataset)
