@@ -128,11 +128,14 @@ def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig()) -> Sc
     inst_map = np.zeros((h, w), np.int32)  # local instance number per pixel; 0 = stuff/void
     depth = np.zeros((h, w), np.float32)  # metres
 
-    # Stuff: 2–3 bands with wavy borders, top to bottom; a ground plane recedes toward the horizon.
-    stuff = [101] + list(rng.choice([102, 103, 104], size=int(rng.integers(1, 3)), replace=False))
+    # Stuff: sky, an optional wall, then one or two ground bands (sand/grass) with wavy borders. The
+    # ground plane recedes toward the horizon; a wall stands where the ground below it starts.
+    grounds = list(rng.choice([103, 104], size=int(rng.integers(1, 3)), replace=False))
+    stuff = [101] + ([102] if rng.random() < 0.5 else []) + grounds
     cuts = np.sort(rng.uniform(0.2, 0.8, len(stuff) - 1))
     xs = np.arange(w, dtype=np.float32)
     yy = np.mgrid[0:h, 0:w][0].astype(np.float32)
+    ground_depth = 2.0 + 40.0 * (1.0 - yy / h) ** 2
     top = np.zeros(w, np.float32)
     for i, cat in enumerate(stuff):
         if i + 1 < len(stuff):
@@ -147,9 +150,9 @@ def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig()) -> Sc
         if cat == 101:
             depth[band] = 55.0
         elif cat == 102:
-            depth[band] = rng.uniform(8.0, 20.0)
-        else:  # ground: 2 m at the bottom row, farther up the image
-            depth[band] = (2.0 + 40.0 * (1.0 - yy / h) ** 2)[band]
+            depth[band] = 2.0 + 40.0 * (1.0 - float(bottom.min()) / h) ** 2
+        else:
+            depth[band] = ground_depth[band]
         top = bottom
 
     # Things: log-uniform sizes; some placed touching a previous one; far ones drawn first.
@@ -192,7 +195,8 @@ def make_scene(rng: np.random.Generator, cfg: SceneConfig = SceneConfig()) -> Sc
         image[crowd_mask] = colour
         cat_map[crowd_mask] = crowd_cat
         inst_map[crowd_mask] = -1
-        depth[crowd_mask] = np.minimum(depth[crowd_mask], 6.0)
+        if crowd_mask.any():
+            depth[crowd_mask] = 0.9 * float(depth[crowd_mask].min())
 
     # Void: an unlabelled patch of clutter (grey checkerboard) — pixels with no annotation.
     if rng.random() < cfg.void_prob:

@@ -17,8 +17,10 @@ Triton kernels' tests and post-processing all use this single definition.
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,13 +41,46 @@ class SegmentStats:
     centroid: tuple[float, float]  # (u, v) in [-1, 1]
 
 
+_UNKNOWN = np.iinfo(np.uint16).max  # dense index of an id that is not listed
+_lut_store = threading.local()
+
+
+def segment_index_map(pan_ids: np.ndarray, segment_ids: Sequence[int]) -> np.ndarray:
+    """(H, W) uint16 dense index: k = position+1 of the pixel's id in `segment_ids`, 0 for id 0 (void)
+    unless 0 is listed, 65535 for an id that is not listed.
+
+    A per-thread lookup table over all 2^24 COCO ids replaces a sort of every pixel (np.unique): the
+    gather touches only as many table entries as there are segments, so it stays in cache.
+    """
+    if len(segment_ids) >= _UNKNOWN:
+        raise ValueError(f"{len(segment_ids)} segments do not fit a uint16 index map")
+    lut = getattr(_lut_store, "lut", None)
+    if lut is None:
+        lut = _lut_store.lut = np.full(256**3, _UNKNOWN, dtype=np.uint16)
+    ids = np.asarray(segment_ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
+        raise ValueError("segment ids must lie in [0, 256³)")
+    try:
+        lut[0] = 0
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
+        if pan_ids.min(initial=0) < 0 or pan_ids.max(initial=0) >= 256**3:
+            raise ValueError("panoptic ids must lie in [0, 256³)")
+        return lut[pan_ids]
+    finally:
+        lut[ids] = _UNKNOWN
+        lut[0] = _UNKNOWN
+
+
 def semantic_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], cat_to_train: dict[int, int]) -> np.ndarray:
-    """Panoptic ids → uint8 train ids; void and categories without a train id become 255."""
-    lut_ids, lut_vals = [], []
-    for seg in segments:
-        lut_ids.append(int(seg["id"]))
-        lut_vals.append(cat_to_train.get(int(seg["category_id"]), IGNORE))
-    return _map_ids(pan_ids, lut_ids, lut_vals, IGNORE, np.uint8)
+    """Panoptic ids → uint8 train ids; void, unlisted ids and categories without a train id become 255."""
+    dense = segment_index_map(pan_ids, [int(s["id"]) for s in segments])
+    return _semantic_from_dense(dense, segments, cat_to_train)
+
+
+def _semantic_from_dense(dense: np.ndarray, segments: Sequence[dict[str, Any]], cat_to_train: dict[int, int]) -> np.ndarray:
+    lut = np.full(_UNKNOWN + 1, IGNORE, dtype=np.uint8)
+    lut[1 : len(segments) + 1] = [cat_to_train.get(int(s["category_id"]), IGNORE) for s in segments]
+    return lut[dense]
 
 
 def instance_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], thing_categories: set[int]) -> tuple[np.ndarray, list[int]]:
@@ -53,71 +88,51 @@ def instance_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], thing_
 
     Indices run 1..N over thing segments (crowd included) in the order of `segments`.
     """
-    index_of_segment: list[int] = []
-    lut_ids, lut_vals = [], []
-    n = 0
-    for seg in segments:
-        if int(seg["category_id"]) in thing_categories:
-            n += 1
-            lut_ids.append(int(seg["id"]))
-            lut_vals.append(n)
-            index_of_segment.append(n)
-        else:
-            index_of_segment.append(NO_INSTANCE)
-    if n > np.iinfo(np.uint16).max:
-        raise ValueError(f"{n} thing segments do not fit a uint16 instance map")
-    return _map_ids(pan_ids, lut_ids, lut_vals, NO_INSTANCE, np.uint16), index_of_segment
+    dense = segment_index_map(pan_ids, [int(s["id"]) for s in segments])
+    return _instance_from_dense(dense, segments, thing_categories)
 
 
-def _map_ids(pan_ids: np.ndarray, ids: list[int], vals: list[int], default: int, dtype: type) -> np.ndarray:
-    """Vectorised lookup id → value with a default for ids not listed."""
-    out = np.full(pan_ids.shape, default, dtype=dtype)
-    if not ids:
-        return out
-    keys = np.asarray(ids, dtype=np.int64)
-    order = np.argsort(keys)
-    keys, values = keys[order], np.asarray(vals, dtype=dtype)[order]
-    flat = pan_ids.reshape(-1).astype(np.int64)
-    pos = np.clip(np.searchsorted(keys, flat), 0, len(keys) - 1)
-    hit = keys[pos] == flat
-    out.reshape(-1)[hit] = values[pos[hit]]
-    return out
+def _instance_from_dense(dense: np.ndarray, segments: Sequence[dict[str, Any]], thing_categories: set[int]) -> tuple[np.ndarray, list[int]]:
+    is_thing = [int(s["category_id"]) in thing_categories for s in segments]
+    index_of_segment = list(np.cumsum(is_thing) * np.asarray(is_thing, dtype=int)) if segments else []
+    lut = np.zeros(_UNKNOWN + 1, dtype=np.uint16)
+    lut[1 : len(segments) + 1] = index_of_segment
+    return lut[dense], [int(i) for i in index_of_segment]
 
 
 def segment_stats(pan_ids: np.ndarray, segment_ids: Sequence[int]) -> list[SegmentStats]:
-    """Area, bbox and centroid of each listed segment id, in one pass over the map.
+    """Area, bbox and centroid of each listed segment id.
 
     A listed id absent from the map gets area 0, bbox (0, 0, 0, 0) and centroid (0, 0).
     """
-    h, w = pan_ids.shape
-    uniq, inverse = np.unique(pan_ids.reshape(-1), return_inverse=True)
-    ys, xs = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    counts = np.bincount(inverse, minlength=len(uniq))
-    sum_x = np.bincount(inverse, weights=xs, minlength=len(uniq))
-    sum_y = np.bincount(inverse, weights=ys, minlength=len(uniq))
-    big = np.iinfo(np.int64).max
-    min_x = np.full(len(uniq), big)
-    min_y = np.full(len(uniq), big)
-    max_x = np.full(len(uniq), -1)
-    max_y = np.full(len(uniq), -1)
-    np.minimum.at(min_x, inverse, xs)
-    np.minimum.at(min_y, inverse, ys)
-    np.maximum.at(max_x, inverse, xs)
-    np.maximum.at(max_y, inverse, ys)
-    where = {int(v): i for i, v in enumerate(uniq)}
+    return _stats_from_dense(segment_index_map(pan_ids, segment_ids), segment_ids)
+
+
+def _stats_from_dense(dense: np.ndarray, segment_ids: Sequence[int]) -> list[SegmentStats]:
+    """Everything from two histograms (segment × row, segment × column): no per-segment mask scans."""
+    h, w = dense.shape
+    k = len(segment_ids) + 1
+    idx = np.where(dense == _UNKNOWN, 0, dense).astype(np.int64)
+    rows = np.bincount((idx + (np.arange(h, dtype=np.int64) * k)[:, None]).ravel(), minlength=h * k).reshape(h, k)
+    cols = np.bincount((idx + (np.arange(w, dtype=np.int64) * k)[None, :]).ravel(), minlength=w * k).reshape(w, k)
+    area = rows.sum(0)
+    sum_y = np.arange(h, dtype=np.float64) @ rows
+    sum_x = np.arange(w, dtype=np.float64) @ cols
+    present_r, present_c = rows > 0, cols > 0
+    y0, y1 = present_r.argmax(0), h - 1 - present_r[::-1].argmax(0)
+    x0, x1 = present_c.argmax(0), w - 1 - present_c[::-1].argmax(0)
     stats = []
-    for sid in segment_ids:
-        i = where.get(int(sid))
-        if i is None:
+    for j, sid in enumerate(segment_ids, start=1):
+        n = int(area[j])
+        if n == 0:
             stats.append(SegmentStats(int(sid), 0, (0, 0, 0, 0), (0.0, 0.0)))
             continue
-        n = int(counts[i])
-        cx, cy = sum_x[i] / n, sum_y[i] / n
+        cx, cy = sum_x[j] / n, sum_y[j] / n
         stats.append(
             SegmentStats(
                 id=int(sid),
                 area=n,
-                bbox=(int(min_x[i]), int(min_y[i]), int(max_x[i] - min_x[i] + 1), int(max_y[i] - min_y[i] + 1)),
+                bbox=(int(x0[j]), int(y0[j]), int(x1[j] - x0[j] + 1), int(y1[j] - y0[j] + 1)),
                 centroid=(float(2.0 * (cx + 0.5) / w - 1.0), float(2.0 * (cy + 0.5) / h - 1.0)),
             )
         )
@@ -236,9 +251,11 @@ def build_targets(
     `train_id_of` maps category id → contiguous train id; `thing_categories` holds the thing ids.
     Area, bbox and centroid are measured on the map (the JSON's own values are not trusted).
     """
-    sem = semantic_map(pan_ids, segments, train_id_of)
-    ins, ins_index = instance_map(pan_ids, segments, thing_categories)
-    stats = segment_stats(pan_ids, [int(s["id"]) for s in segments])
+    seg_ids = [int(s["id"]) for s in segments]
+    dense = segment_index_map(pan_ids, seg_ids)
+    sem = _semantic_from_dense(dense, segments, train_id_of)
+    ins, ins_index = _instance_from_dense(dense, segments, thing_categories)
+    stats = _stats_from_dense(dense, seg_ids)
     table = []
     for seg, idx, st in zip(segments, ins_index, stats):
         cat = int(seg["category_id"])

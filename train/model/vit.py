@@ -15,7 +15,7 @@ positional-embedding interpolation mode of the checkpoint family (see `interpola
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,7 @@ from train.model.layers import Block, PatchEmbed
 POS_EMBED_INITS = ("trunc_normal", "sincos")
 
 
-def interpolate_patch_pos_embed(
-    patch_pos: Tensor, grid_hw: tuple[int, int], antialias: bool, offset: float
-) -> Tensor:
+def interpolate_patch_pos_embed(patch_pos: Tensor, grid_hw: tuple[int, int], antialias: bool, offset: float) -> Tensor:
     """Resample a square patch position table (1, M², D) to the patch grid (h, w), bicubically, in fp32.
 
     Two behaviours, matching the two DINOv2 checkpoint families:
@@ -123,7 +121,7 @@ class DinoVisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if has_registers else None
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear, 0 at the first block
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, ffn_layer, init_values, drop_rates[i]) for i in range(depth)
         )
@@ -242,7 +240,7 @@ class DinoVisionTransformer(nn.Module):
             h, w = H // self.patch_size, W // self.patch_size
             outputs = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
         if return_class_token:
-            return tuple(zip(outputs, class_tokens))
+            return tuple(zip(outputs, class_tokens, strict=True))
         return tuple(outputs)
 
     def forward(self, x: Tensor, is_training: bool = False) -> Tensor | dict[str, Tensor | None]:

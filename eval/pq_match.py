@@ -1,0 +1,275 @@
+"""Per-image PQ matching on in-memory id maps: the core of `eval/pq.py` (definition in its docstring).
+
+`pq_image(gt_ids, gt_segments, pred_ids, pred_segments, categories)` validates one image the way the
+COCO reference does (plus the GT side), matches segments and returns per-category TP/FP/FN/ΣIoU and
+one record per scored segment. Callers that already hold id maps (post-processing, validation during
+training) use it directly; `pq_compute` runs it over files.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID
+
+# Segment record kinds. TP and FN rows carry the GT area, FP rows the predicted area (pq_by_size).
+TP, FN, FP = 0, 1, 2
+SEGMENT_DTYPE = np.dtype(
+    [
+        ("image", np.int32),  # index into PQResult.image_ids
+        ("category_id", np.int64),
+        ("kind", np.int8),  # TP, FN or FP
+        ("gt_area", np.int64),  # 0 for FP
+        ("pred_area", np.int64),  # 0 for FN
+        ("iou", np.float64),  # 0 unless TP
+    ]
+)
+# Above this many (GT × prediction) index pairs a dense bincount costs more than sorting the pixels.
+_DENSE_PAIR_LIMIT = 1 << 22
+
+
+class PQInputError(ValueError):
+    """Malformed PQ input (ids, categories, sizes, missing files); the message names the image."""
+
+
+@dataclass(frozen=True)
+class CategoryTable:
+    """The categories of the GT JSON, in its order; PQ is accumulated per position in this table."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+    isthing: tuple[bool, ...]
+
+    @classmethod
+    def from_coco(cls, categories: Iterable[Mapping[str, Any]], source: str = "GT JSON") -> CategoryTable:
+        ids, names, isthing = [], [], []
+        for cat in categories:
+            if "id" not in cat or "isthing" not in cat:
+                raise PQInputError(f"{source}: every category needs 'id' and 'isthing' (got {dict(cat)})")
+            ids.append(int(cat["id"]))
+            names.append(str(cat.get("name", cat["id"])))
+            isthing.append(int(cat["isthing"]) == 1)  # the reference's test: isthing == 1
+        if len(set(ids)) != len(ids):
+            raise PQInputError(f"{source}: duplicate category ids")
+        if not ids:
+            raise PQInputError(f"{source}: no categories")
+        return cls(tuple(ids), tuple(names), tuple(isthing))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def index(self) -> dict[int, int]:
+        return {cat_id: i for i, cat_id in enumerate(self.ids)}
+
+
+@dataclass
+class ImageStats:
+    """One image's contribution: per-category arrays aligned with the CategoryTable, plus records."""
+
+    tp: np.ndarray  # (C,) int64
+    fp: np.ndarray  # (C,) int64
+    fn: np.ndarray  # (C,) int64
+    iou: np.ndarray  # (C,) float64, sum of matched IoUs
+    segments: np.ndarray  # SEGMENT_DTYPE records, image field 0 (the caller sets it)
+    gt_area_mismatches: int = 0  # GT segments whose JSON 'area' differs from the PNG count
+
+
+@dataclass(frozen=True)
+class _Segments:
+    ids: np.ndarray  # (K,) int64 segment ids, JSON order
+    cat: np.ndarray  # (K,) int64 index into the CategoryTable
+    crowd: np.ndarray  # (K,) bool
+    json_area: np.ndarray  # (K,) int64, -1 where the JSON has none
+
+
+def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, int], where: str) -> _Segments:
+    ids = np.empty(len(segments), np.int64)
+    cat = np.empty(len(segments), np.int64)
+    crowd = np.zeros(len(segments), bool)
+    json_area = np.full(len(segments), -1, np.int64)
+    for k, seg in enumerate(segments):
+        try:
+            seg_id, cat_id = int(seg["id"]), int(seg["category_id"])
+        except (KeyError, TypeError, ValueError):
+            raise PQInputError(f"{where}: every segment needs integer 'id' and 'category_id' (got {seg})") from None
+        if not 0 < seg_id <= MAX_SEGMENT_ID:
+            raise PQInputError(f"{where}: segment id {seg_id} outside [1, {MAX_SEGMENT_ID}] (0 is void)")
+        if cat_id not in cat_index:
+            raise PQInputError(f"{where}: segment {seg_id} has unknown category_id {cat_id}")
+        ids[k], cat[k] = seg_id, cat_index[cat_id]
+        crowd[k] = int(seg.get("iscrowd", 0)) == 1
+        if "area" in seg:
+            json_area[k] = int(seg["area"])
+    if len(np.unique(ids)) != len(ids):
+        dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})
+        raise PQInputError(f"{where}: duplicate segment ids {dup} in the JSON")
+    return _Segments(ids, cat, crowd, json_area)
+
+
+_lut_store = threading.local()
+
+
+def _lookup_table(size: int) -> np.ndarray:
+    """A thread-local id → compact-index table, all −1, at least `size` long (grown by doubling)."""
+    lut = getattr(_lut_store, "lut", None)
+    if lut is None or lut.size < size:
+        lut = np.full(max(size, 2 * (0 if lut is None else lut.size), 1 << 16), -1, np.int32)
+        _lut_store.lut = lut
+    return lut
+
+
+def _compact(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
+    """Pixel ids → 0 (void) or 1 + position of the id in `seg_ids`; unknown ids raise PQInputError."""
+    lo, hi = int(ids.min()), int(ids.max())
+    top = int(seg_ids.max()) if seg_ids.size else 0
+    if lo < 0 or hi > top:
+        bad = np.unique(ids[(ids < 0) | (ids > top)])
+        raise PQInputError(f"{where}: segment ids {bad[:10].tolist()} are in the PNG but not in the JSON")
+    lut = _lookup_table(top + 1)
+    lut[VOID_ID] = 0
+    lut[seg_ids] = np.arange(1, seg_ids.size + 1, dtype=np.int32)
+    try:
+        compact = lut[ids]
+    finally:
+        lut[seg_ids] = -1  # leave the shared table clean for the next image
+        lut[VOID_ID] = -1
+    if compact.size and int(compact.min()) < 0:
+        bad = np.unique(ids[compact < 0])
+        raise PQInputError(f"{where}: segment ids {bad[:10].tolist()} are in the PNG but not in the JSON")
+    return compact
+
+
+def _pair_counts(g: np.ndarray, p: np.ndarray, n_g: int, n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty (GT index, pred index, pixel count) triples of two compact maps, in one pass."""
+    if n_g * n_p <= _DENSE_PAIR_LIMIT:
+        codes = g.ravel() * n_p + p.ravel()
+        counts = np.bincount(codes, minlength=n_g * n_p)
+        nonzero = np.flatnonzero(counts)
+        return nonzero // n_p, nonzero % n_p, counts[nonzero]
+    codes = g.ravel().astype(np.int64) * n_p + p.ravel()
+    nonzero, counts = np.unique(codes, return_counts=True)
+    return nonzero // n_p, nonzero % n_p, counts
+
+
+def pq_image(
+    gt_ids: np.ndarray,
+    gt_segments: Sequence[Mapping[str, Any]],
+    pred_ids: np.ndarray,
+    pred_segments: Sequence[Mapping[str, Any]],
+    categories: CategoryTable | Sequence[Mapping[str, Any]],
+    name: str = "image",
+) -> ImageStats:
+    """Match one image's prediction against its GT (definition: `eval/pq.py` docstring).
+
+    `gt_ids` / `pred_ids`: (H, W) integer segment-id maps, 0 = void; `*_segments`: the COCO
+    `segments_info` lists (dicts with id, category_id, optional iscrowd and area). `name` prefixes every
+    error message; `categories` is a CategoryTable or the COCO category list. Raises PQInputError for a PNG id missing from the JSON, a JSON segment missing from
+    the PNG, an unknown category, duplicate ids or a size mismatch.
+    """
+    gt_ids, pred_ids = np.asarray(gt_ids), np.asarray(pred_ids)
+    for arr, side in ((gt_ids, "ground truth"), (pred_ids, "prediction")):
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise PQInputError(f"{name}: {side} must be a 2-D integer id map, got {arr.dtype} {arr.shape}")
+    if gt_ids.shape != pred_ids.shape:
+        raise PQInputError(f"{name}: prediction size {pred_ids.shape} differs from ground truth size {gt_ids.shape}")
+    if not isinstance(categories, CategoryTable):
+        categories = CategoryTable.from_coco(categories)
+    cat_index = categories.index
+    gt = _parse_segments(gt_segments, cat_index, f"{name} (ground truth)")
+    pred = _parse_segments(pred_segments, cat_index, f"{name} (prediction)")
+    g = _compact(gt_ids, gt.ids, f"{name} (ground truth)")
+    p = _compact(pred_ids, pred.ids, f"{name} (prediction)")
+    n_g, n_p = gt.ids.size + 1, pred.ids.size + 1  # index 0 is void on both sides
+
+    pair_g, pair_p, inter = _pair_counts(g, p, n_g, n_p)
+    gt_area = np.bincount(pair_g, weights=inter, minlength=n_g).astype(np.int64)
+    pred_area = np.bincount(pair_p, weights=inter, minlength=n_p).astype(np.int64)
+    for area, seg, side in ((gt_area, gt, "ground truth"), (pred_area, pred, "prediction")):
+        absent = seg.ids[area[1:] == 0]
+        if absent.size:
+            raise PQInputError(f"{name} ({side}): segment ids {absent[:10].tolist()} are in the JSON but not in the PNG")
+    pred_on_void = np.zeros(n_p, np.int64)
+    on_void = pair_g == 0
+    pred_on_void[pair_p[on_void]] = inter[on_void]
+
+    # Matching: same category, GT not crowd, IoU > 0.5 (unique by construction: two matches would
+    # need more than all of a segment's pixels).
+    both = (pair_g > 0) & (pair_p > 0)
+    mg, mp, mi = pair_g[both], pair_p[both], inter[both]
+    gt_cat = np.concatenate([[-1], gt.cat])
+    pred_cat = np.concatenate([[-2], pred.cat])
+    gt_crowd = np.concatenate([[False], gt.crowd])
+    union = pred_area[mp] + gt_area[mg] - mi - pred_on_void[mp]
+    iou = mi / union
+    match = (iou > 0.5) & (gt_cat[mg] == pred_cat[mp]) & ~gt_crowd[mg]
+    tp_g, tp_p, tp_iou = mg[match], mp[match], iou[match]
+    gt_matched = np.zeros(n_g, bool)
+    gt_matched[tp_g] = True
+    pred_matched = np.zeros(n_p, bool)
+    pred_matched[tp_p] = True
+
+    fn_g = np.flatnonzero(~gt_matched[1:] & ~gt.crowd) + 1
+
+    # The reference ignores a prediction mostly on void + the crowd segment of its category, keeping
+    # one crowd segment per category: the last in JSON order.
+    crowd_of_cat = np.full(len(categories), -1, np.int64)
+    crowd_rows = np.flatnonzero(gt.crowd)
+    crowd_of_cat[gt.cat[crowd_rows]] = crowd_rows + 1  # fancy assignment: the last write wins
+    pred_on_crowd = np.zeros(n_p, np.int64)
+    on_crowd = crowd_of_cat[pred_cat[mp].clip(0)] == mg
+    pred_on_crowd[mp[on_crowd]] = mi[on_crowd]
+    unmatched = np.flatnonzero(~pred_matched[1:]) + 1
+    ignored = (pred_on_void[unmatched] + pred_on_crowd[unmatched]) / pred_area[unmatched] > 0.5
+    fp_p = unmatched[~ignored]
+
+    n_cat = len(categories)
+    stats = ImageStats(
+        tp=np.bincount(gt_cat[tp_g], minlength=n_cat).astype(np.int64),
+        fp=np.bincount(pred_cat[fp_p], minlength=n_cat).astype(np.int64),
+        fn=np.bincount(gt_cat[fn_g], minlength=n_cat).astype(np.int64),
+        iou=np.bincount(gt_cat[tp_g], weights=tp_iou, minlength=n_cat),
+        segments=np.zeros(tp_g.size + fn_g.size + fp_p.size, SEGMENT_DTYPE),
+    )
+    cat_ids = np.asarray(categories.ids, np.int64)
+    rows = stats.segments
+    n_tp, n_fn = tp_g.size, fn_g.size
+    rows["kind"] = np.repeat(np.array([TP, FN, FP], np.int8), [n_tp, n_fn, fp_p.size])
+    rows["category_id"] = cat_ids[np.concatenate([gt_cat[tp_g], gt_cat[fn_g], pred_cat[fp_p]])]
+    rows["gt_area"][: n_tp + n_fn] = gt_area[np.concatenate([tp_g, fn_g])]
+    rows["pred_area"][:n_tp] = pred_area[tp_p]
+    rows["pred_area"][n_tp + n_fn :] = pred_area[fp_p]
+    rows["iou"][:n_tp] = tp_iou
+    has_area = gt.json_area >= 0
+    stats.gt_area_mismatches = int((gt.json_area[has_area] != gt_area[1:][has_area]).sum())
+    return stats
+
+
+def category_scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, iou: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-category PQ, SQ, RQ (0 where a category has no TP+FP+FN, as the reference reports them)."""
+    denom = tp + 0.5 * fp + 0.5 * fn
+    counted = (tp + fp + fn) > 0
+    safe = np.where(counted, denom, 1.0)
+    return {
+        "pq": np.where(counted, iou / safe, 0.0),
+        "sq": np.where(tp > 0, iou / np.maximum(tp, 1), 0.0),
+        "rq": np.where(counted, tp / safe, 0.0),
+        "counted": counted,
+    }
+
+
+def average_scores(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, iou: np.ndarray, select: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mean PQ/SQ/RQ over the selected categories with TP+FP+FN > 0 (0 with n = 0 when there are none)."""
+    scores = category_scores(tp, fp, fn, iou)
+    keep = scores["counted"] if select is None else scores["counted"] & select
+    n = int(keep.sum())
+    out = {k: float(scores[k][keep].sum() / n) if n else 0.0 for k in ("pq", "sq", "rq")}
+    out.update(n=n, tp=int(tp[keep].sum()), fp=int(fp[keep].sum()), fn=int(fn[keep].sum()))
+    return out
