@@ -41,15 +41,17 @@ from genpan.coco_panoptic import read_panoptic_png
 TOLERANCE = 1e-9
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    """Fastest of `repeats` runs (after one warm-up that also fills the page cache)."""
-    out = fn()
-    best = float("inf")
+def best_times(runners: dict[str, Callable[[], object]], repeats: int) -> tuple[dict[str, float], dict[str, object]]:
+    """Fastest of `repeats` runs of each runner, interleaved so that all see the same machine load
+    (this machine is shared); one warm-up run each also fills the page cache."""
+    outputs = {name: run() for name, run in runners.items()}
+    best = dict.fromkeys(runners, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for name, run in runners.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outputs
 
 
 def reference_runner(paths: dict[str, Path], processes: int) -> Callable[[], dict]:
@@ -96,8 +98,10 @@ def decode_floor(paths: dict[str, Path]) -> tuple[float, float]:
     from PIL import Image
 
     files = sorted(paths["gt_dir"].glob("*.png")) + sorted(paths["pred_dir"].glob("*.png"))
-    cv_time, _ = best_time(lambda: [read_panoptic_png(f) for f in files], 2)
-    pil_time, _ = best_time(lambda: [np.asarray(Image.open(f)) for f in files], 2)
+    times, _ = best_times(
+        {"cv": lambda: [read_panoptic_png(f) for f in files], "pil": lambda: [np.asarray(Image.open(f)) for f in files]}, 2
+    )
+    cv_time, pil_time = times["cv"], times["pil"]
     return cv_time, pil_time
 
 
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=256, help="smallest image side in pixels (default 256)")
     parser.add_argument("--max-size", type=int, default=512, help="largest image side in pixels (default 512)")
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts to time (default 1,2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, best kept (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, best kept (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
     args = parser.parse_args(argv)
     try:
@@ -133,17 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         ratios = {}
         for k in counts:
-            ours_t, ours = best_time(lambda k=k: pq_compute(**paths, workers=k, progress=False), args.repeats)
-            summary, per_class = ours.summary(), {r["id"]: r for r in ours.per_class()}
-            ref_t, ref = best_time(reference_runner(paths, k), args.repeats)
-            assert_same(summary, per_class, ref, "panopticapi")
-            ratios[k] = ref_t / ours_t
-            rows += [("ours (eval/pq.py)", k, ours_t), ("panopticapi", k, ref_t)]
+            runners = {
+                "ours": lambda k=k: pq_compute(**paths, workers=k, progress=False),
+                "panopticapi": reference_runner(paths, k),
+            }
+            times, outputs = best_times(runners, args.repeats)
+            summary, per_class = outputs["ours"].summary(), {r["id"]: r for r in outputs["ours"].per_class()}
+            assert_same(summary, per_class, outputs["panopticapi"], "panopticapi")
+            ratios[k] = times["panopticapi"] / times["ours"]
+            rows += [("ours (eval/pq.py)", k, times["ours"]), ("panopticapi", k, times["panopticapi"])]
         hot = hotcoco_runner(paths)
         if hot is not None:
-            hot_t, hot_res = best_time(hot, args.repeats)
-            assert_same(summary, per_class, hot_res, "hotcoco")
-            rows.append(("hotcoco (own threads)", "auto", hot_t))
+            times, outputs = best_times({"hotcoco": hot}, args.repeats)
+            assert_same(summary, per_class, outputs["hotcoco"], "hotcoco")
+            rows.append(("hotcoco (own threads)", "auto", times["hotcoco"]))
         cv_t, pil_t = decode_floor(paths)
         rows += [("decode all PNGs: OpenCV/genpan", 1, cv_t), ("decode all PNGs: PIL", 1, pil_t)]
 

@@ -7,6 +7,7 @@ the packing is written, so readers, the synthetic generator, post-processing and
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,12 @@ def decode_panoptic_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise ValueError(f"{name}: panoptic PNG must be 8-bit RGB, got {img.dtype}")
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"{name}: panoptic PNG must have 3 colour channels, got shape {img.shape}")
-    return rgb_to_id(np.ascontiguousarray(img[..., 2::-1]))  # OpenCV gives BGR(A)
+    # OpenCV gives BGR(A); as little-endian RGBA uint32 a pixel reads R + 256·G + 256²·B + 256³·A.
+    code = cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGBA
+    rgba = np.ascontiguousarray(cv2.cvtColor(img, code))
+    if sys.byteorder != "little":
+        return rgb_to_id(rgba[..., :3])
+    return (rgba.view(np.uint32)[..., 0] & 0xFFFFFF).astype(np.int32)
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:

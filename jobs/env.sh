@@ -28,10 +28,15 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   if command -v nvidia-smi >/dev/null 2>&1; then
     $PIP install -q "torch==$TORCH_VERSION" >&2
   else
-    # A local wheel (pip's find-links) first, then the CPU index of PyTorch, then PyPI.
-    $PIP install -q --no-index "torch==$TORCH_VERSION" >&2 2>/dev/null \
-      || $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu >&2 \
-      || $PIP install -q "torch==$TORCH_VERSION" >&2
+    # A CPU wheel on local disk (pip's find-links) if there is one, else PyTorch's CPU index.
+    probe=$(mktemp -d)
+    if $PIP download -q --no-deps --no-index "torch==$TORCH_VERSION" -d "$probe" >/dev/null 2>&1; then
+      rm -rf "$probe"
+      $PIP install -q "torch==$TORCH_VERSION" >&2
+    else
+      rm -rf "$probe"
+      $PIP install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu >&2
+    fi
   fi
 fi
 $PIP install -q -e ".[dev]" >&2

@@ -1,0 +1,98 @@
+"""Monocular depth metrics as the depth literature reports them on NYUv2 (Eigen et al. 2014).
+
+Per image, on valid pixels (ground truth in (min_depth, max_depth], inside the eval crop):
+    AbsRel = mean |p − g| / g          SqRel = mean (p − g)² / g
+    RMSE   = sqrt(mean (p − g)²)       RMSE log = sqrt(mean (ln p − ln g)²)
+    log10  = mean |log10 p − log10 g|  δ_k = fraction with max(p/g, g/p) < 1.25^k, k = 1, 2, 3
+then averaged over images (the convention of BTS, AdaBins, Depth Anything). Predictions are clipped
+to [min_depth, max_depth] first. The NYUv2 eval crop is the Eigen crop of the 480×640 frames:
+rows 45..470, columns 41..600 (inclusive), scaled to other resolutions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+NYU_MIN_DEPTH = 1e-3
+NYU_MAX_DEPTH = 10.0
+EIGEN_CROP_480x640 = (45, 471, 41, 601)  # top, bottom (exclusive), left, right (exclusive)
+
+
+@dataclass(frozen=True)
+class DepthMetrics:
+    abs_rel: float
+    sq_rel: float
+    rmse: float
+    rmse_log: float
+    log10: float
+    delta1: float
+    delta2: float
+    delta3: float
+    num_images: int = 1
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def eigen_crop_mask(height: int, width: int) -> np.ndarray:
+    """The Eigen crop as a boolean mask, scaled from 480×640 to (height, width)."""
+    top, bottom, left, right = EIGEN_CROP_480x640
+    mask = np.zeros((height, width), dtype=bool)
+    mask[round(top * height / 480) : round(bottom * height / 480), round(left * width / 640) : round(right * width / 640)] = True
+    return mask
+
+
+def image_depth_metrics(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    min_depth: float = NYU_MIN_DEPTH,
+    max_depth: float = NYU_MAX_DEPTH,
+    eigen_crop: bool = True,
+) -> DepthMetrics | None:
+    """Metrics of one image (metres); None when it has no valid ground-truth pixel."""
+    pred = np.asarray(pred, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    valid = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+    if eigen_crop:
+        valid &= eigen_crop_mask(*gt.shape)
+    if not valid.any():
+        return None
+    g = gt[valid]
+    p = np.clip(np.nan_to_num(pred[valid], nan=min_depth, posinf=max_depth, neginf=min_depth), min_depth, max_depth)
+    ratio = np.maximum(p / g, g / p)
+    diff = p - g
+    return DepthMetrics(
+        abs_rel=float(np.mean(np.abs(diff) / g)),
+        sq_rel=float(np.mean(diff**2 / g)),
+        rmse=float(np.sqrt(np.mean(diff**2))),
+        rmse_log=float(np.sqrt(np.mean((np.log(p) - np.log(g)) ** 2))),
+        log10=float(np.mean(np.abs(np.log10(p) - np.log10(g)))),
+        delta1=float(np.mean(ratio < 1.25)),
+        delta2=float(np.mean(ratio < 1.25**2)),
+        delta3=float(np.mean(ratio < 1.25**3)),
+    )
+
+
+def mean_depth_metrics(per_image: list[DepthMetrics | None]) -> DepthMetrics | None:
+    """Average over the images that had valid pixels."""
+    kept = [m for m in per_image if m is not None]
+    if not kept:
+        return None
+    fields = [k for k in DepthMetrics.__dataclass_fields__ if k != "num_images"]
+    means = {k: float(np.mean([getattr(m, k) for m in kept])) for k in fields}
+    return DepthMetrics(**means, num_images=len(kept))
+
+
+def depth_table_markdown(m: DepthMetrics) -> str:
+    """A Markdown table for report.md (lower is better for errors, higher for δ)."""
+    head = "| AbsRel ↓ | SqRel ↓ | RMSE ↓ | RMSE log ↓ | log10 ↓ | δ1 ↑ | δ2 ↑ | δ3 ↑ | images |"
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    row = (
+        f"| {m.abs_rel:.4f} | {m.sq_rel:.4f} | {m.rmse:.4f} | {m.rmse_log:.4f} | {m.log10:.4f} | "
+        f"{m.delta1:.4f} | {m.delta2:.4f} | {m.delta3:.4f} | {m.num_images} |"
+    )
+    return "\n".join([head, sep, row])
