@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK = 256
+BLOCK = 128  # one pixel per thread at 4 warps: ~77 (fwd) and ~167 (bwd) registers on sm_90, no spills
 PI = tl.constexpr(math.pi)
 
 
@@ -182,10 +182,16 @@ def _prepare(pred: Tensor, u: Tensor, v: Tensor, valid: Tensor, ignore: Tensor, 
         pred.contiguous(),
         u.to(torch.float32).contiguous(),
         v.to(torch.float32).contiguous(),
-        valid.to(torch.uint8).contiguous(),
-        ignore.to(torch.uint8).contiguous(),
+        _as_bytes(valid),
+        _as_bytes(ignore),
         dist.to(torch.float32).contiguous(),
     )
+
+
+def _as_bytes(mask: Tensor) -> Tensor:
+    """A bool mask as uint8 without a copy (same storage), other dtypes converted."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
 
 
 class FusedInstPETV(torch.autograd.Function):

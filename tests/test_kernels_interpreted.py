@@ -78,7 +78,7 @@ def _inst_check(pred, u, v, valid, crowd, dist, n_harm, D=4.0, wmin=0.05, grad_r
 
 @pytest.mark.parametrize("n_harm", [1, 4])
 def test_inst_fp32_matches_reference_across_tiles_and_borders(n_harm):
-    # 13·23 = 299 pixels: two 256-pixel tiles, the second partial; both straddle rows
+    # 13·23 = 299 pixels: three 128-pixel tiles, the last partial; all straddle rows
     pe, tv, g = _inst_check(*inst_inputs(n_harm=n_harm, seed=n_harm), n_harm)
     assert pe.item() > 0 and tv.item() > 0 and g.abs().sum().item() > 0
 

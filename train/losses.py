@@ -306,11 +306,12 @@ def silog_loss(pred_depth: Tensor, target_depth: Tensor, valid: Tensor, lam: flo
 
 
 def _use_kernels(backend: str, x: Tensor) -> bool:
+    """backend "auto": the kernels for CUDA fp32/bf16 predictions, the reference for anything else."""
     if backend == "torch":
         return False
     if backend == "triton":
         return True
-    return x.is_cuda
+    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def _check_shape(name: str, pred: Tensor, target: Tensor) -> None:
