@@ -6,7 +6,10 @@ the embeddings and the logits, C = 133 classes (COCO panoptic: 80 things, 53 stu
 Baseline: the bare semantic argmax plus the embedding decode alone — the per-pixel work any
 post-processing must do; the ratio shows what grouping, NMS, voting and stuff filling add.
 
-    python bench/postprocess_speed.py [--size 480] [--repeats 10] [--threads 0]
+    python bench/postprocess_speed.py [--size 480] [--repeats 10] [--threads 1]
+
+Single-threaded by default: images are post-processed in parallel, one per core, and on a shared
+machine a single thread gives the steadiest figure.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=20, help="thing instances pasted into the random map")
     p.add_argument("--noise", type=float, default=0.2, help="std of the gaussian noise on the ideal embeddings")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per method (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: one image per core, as when images run in parallel; 0: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random map and noise")
     return p
 

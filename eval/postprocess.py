@@ -9,7 +9,9 @@ eq. 2-3, `prep.targets.pe_target`), and 0 for void/stuff. Post-processing:
 2. thing pixels: by default those whose semantic argmax is a thing class; optionally the paper's
    zero-vector test (void where 0 is nearer than every grid code).
 3. group thing pixels by grid cell; optionally merge groups on adjacent occupied cells (connected
-   components of the G×G occupancy grid), which absorbs the jitter of the high harmonics.
+   components of the G×G occupancy grid), which absorbs the jitter of the high harmonics. Only cells
+   holding a minimum number of pixels bridge components: at 480² a noisy instance's tails reach far
+   cells by a pixel or two, and one-pixel bridges chain distinct instances together.
 4. score each group: mean thing probability of the semantic head × mean agreement, where a pixel's
    agreement is max(0, cos(e, code of its decoded cell)) — scale-free, so an under-trained model
    whose outputs shrink toward 0 still scores by direction.
@@ -30,8 +32,9 @@ code and come out as one instance; with `merge_adjacent`, so do instances on tou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -52,7 +55,9 @@ class PostprocessConfig:
     grid_size: int = 80  # G: centroid grid per axis (Painter's 80×80)
     thing_mode: str = "semantic"  # "semantic": argmax is a thing class; "zero_vector": paper's void test
     merge_adjacent: bool = True  # merge groups on 8-adjacent occupied grid cells
-    merge_min_cell_pixels: int = 1  # cells with fewer pixels do not bridge components; they join a neighbour
+    # cells holding fewer pixels than this fraction of h·w do not bridge components (they join their densest
+    # neighbour): with one pixel enough, noise tails of big instances chain neighbours together
+    merge_min_cell_frac: float = 2e-5  # ≈ 5 px at 480²
     mask_radius_cells: int = 1  # a group's NMS mask: its cells widened by this Chebyshev radius (empty cells add nothing)
     nms_sigma: float = 2.0  # matrix NMS gaussian kernel: decay exp(−σ·(IoU² − IoU_comp²)) (SOLOv2, Painter)
     nms_pre_top_k: int = 500  # groups entering NMS, best scores first
@@ -68,11 +73,11 @@ class PostprocessConfig:
             raise ValueError(f"grid_size must be at least 2, got {self.grid_size}")
         if self.thing_mode not in THING_MODES:
             raise ValueError(f"thing_mode must be one of {THING_MODES}, got {self.thing_mode!r}")
-        if self.mask_radius_cells < 0 or self.merge_min_cell_pixels < 1:
-            raise ValueError("mask_radius_cells must be ≥ 0 and merge_min_cell_pixels ≥ 1")
+        if self.mask_radius_cells < 0:
+            raise ValueError(f"mask_radius_cells must be ≥ 0, got {self.mask_radius_cells}")
         if self.nms_sigma < 0 or self.nms_top_k < 1 or self.nms_pre_top_k < 1:
             raise ValueError("nms_sigma must be ≥ 0 and the NMS top-k values ≥ 1")
-        for name in ("overlap_threshold", "min_thing_area_frac", "min_stuff_area_frac", "void_prob_threshold"):
+        for name in ("overlap_threshold", "merge_min_cell_frac", "min_thing_area_frac", "min_stuff_area_frac", "void_prob_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -112,6 +117,7 @@ def decode_embeddings(inst: Any, grid_size: int, chunk: int = 1 << 16) -> Decode
     emb = _as_tensor(inst)
     if emb.ndim == 3:
         emb = emb.reshape(emb.shape[0], -1).T
+    emb = emb.contiguous()  # row-major pixels: each chunk's matmul reads contiguous rows
     if emb.ndim != 2 or emb.shape[1] % 4:
         raise ValueError(f"instance embeddings need 4L channels, got shape {tuple(emb.shape)}")
     emb = emb.float()
@@ -155,41 +161,51 @@ def postprocess(
     thing_ids = sorted(int(t) for t in thing_train_ids if 0 <= int(t) < C)
     is_thing_class[thing_ids] = True
 
-    probs = sem_t.reshape(C, -1).softmax(dim=0)  # C, P
-    top_prob, label = probs.max(dim=0)
+    logits = sem_t.reshape(C, -1)  # C, P
+    top_logit, label = logits.max(dim=0)
+    if cfg.void_prob_threshold > 0:  # top probability = 1 / Σ exp(l − l_max)
+        confident = (logits - top_logit).exp().sum(dim=0) <= 1.0 / cfg.void_prob_threshold
+    else:
+        confident = torch.ones_like(label, dtype=torch.bool)
     dec = decode_embeddings(inst_t, G)
     if cfg.thing_mode == "semantic":
         thing = is_thing_class[label]
     else:
         thing = dec.norm2 > dec.dist2  # zero vector farther than the nearest grid code
-    confident = top_prob >= cfg.void_prob_threshold
     thing &= confident
     if not thing_ids:  # no thing class to vote for: nothing can become an instance
         thing &= False
 
+    # class statistics only where they are used: on thing pixels (C reductions over P are the cost)
+    thing_logits = logits[:, thing]  # C, P_thing
+    thing_prob = thing_logits.softmax(dim=0)[is_thing_class].sum(dim=0)
+    thing_label = thing_logits[is_thing_class].argmax(dim=0).cpu().numpy() if thing_ids else None
+
     # per-cell statistics of thing pixels: the only per-pixel reductions grouping needs
     cell = dec.b * G + dec.a  # row-major over (v, u)
     tcell = cell[thing]
-    thing_prob = probs[is_thing_class].sum(dim=0) if thing_ids else torch.zeros_like(top_prob)
     counts = torch.bincount(tcell, minlength=G * G).cpu().numpy()
-    prob_sum = torch.bincount(tcell, weights=thing_prob[thing].double(), minlength=G * G).cpu().numpy()
+    prob_sum = torch.bincount(tcell, weights=thing_prob.double(), minlength=G * G).cpu().numpy()
     agree_sum = torch.bincount(tcell, weights=dec.agreement[thing].double(), minlength=G * G).cpu().numpy()
 
-    group_of_cell = _group_cells(counts.reshape(G, G), cfg).reshape(-1)  # −1 = empty cell
-    order, masks, scores = _nms(group_of_cell, counts, prob_sum, agree_sum, cfg)
-    owner_of_cell = _paint(order, masks, counts, cfg, area_px(cfg.min_thing_area_frac, h, w))
+    min_dense = area_px(cfg.merge_min_cell_frac, h, w)
+    group_of_cell = _group_cells(counts.reshape(G, G), cfg.merge_adjacent, min_dense).reshape(-1)  # −1 = empty
+    min_thing = area_px(cfg.min_thing_area_frac, h, w)
+    order, masks, _ = _nms(group_of_cell, counts, prob_sum, agree_sum, cfg, min_thing)
+    owner_of_cell = _paint(order, masks, counts, cfg, min_thing)
 
     pan = np.zeros(h * w, dtype=np.int32)
     thing_np = thing.cpu().numpy()
     owner_px = np.full(h * w, -1, dtype=np.int64)
-    owner_px[thing_np] = owner_of_cell[tcell.cpu().numpy()]
-    thing_label = (probs[is_thing_class].argmax(dim=0) if thing_ids else torch.zeros_like(label)).cpu().numpy()
+    owner_thing = owner_of_cell[tcell.cpu().numpy()]
+    owner_px[thing_np] = owner_thing
     segments: list[dict[str, Any]] = []
     n_inst = int(owner_of_cell.max()) + 1 if owner_of_cell.size else 0
     claimed = owner_px >= 0
     if n_inst:  # every painted instance holds pixels, so ids 1..n_inst are all used
         n_thing = len(thing_ids)
-        votes = np.bincount(owner_px[claimed] * n_thing + thing_label[claimed], minlength=n_inst * n_thing)
+        voters = owner_thing >= 0
+        votes = np.bincount(owner_thing[voters] * n_thing + thing_label[voters], minlength=n_inst * n_thing)
         winners = votes.reshape(n_inst, n_thing).argmax(axis=1)
         pan[claimed] = owner_px[claimed] + 1
         segments = [_segment(k + 1, train_to_category[thing_ids[int(winners[k])]], True) for k in range(n_inst)]
@@ -199,7 +215,8 @@ def postprocess(
     label_np = label.cpu().numpy()
     free = (owner_px < 0) & confident.cpu().numpy() & ~is_thing_class.cpu().numpy()[label_np]
     min_stuff = area_px(cfg.min_stuff_area_frac, h, w)
-    for cls in np.unique(label_np[free]):
+    class_area = np.bincount(label_np[free], minlength=C)
+    for cls in np.flatnonzero(class_area >= min_stuff):  # a class smaller in total has no component to keep
         region = (free & (label_np == cls)).reshape(h, w).astype(np.uint8)
         n, comp, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
         keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_stuff)
@@ -220,19 +237,19 @@ def _segment(seg_id: int, category_id: int, isthing: bool) -> dict[str, Any]:
     return {"id": seg_id, "category_id": int(category_id), "iscrowd": 0, "isthing": isthing, "area": 0, "bbox": [0, 0, 0, 0]}
 
 
-def _group_cells(counts: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
+def _group_cells(counts: np.ndarray, merge: bool, min_dense: int) -> np.ndarray:
     """(G, G) pixel counts → group label per cell (−1 where empty).
 
-    Without merging every occupied cell is a group. With merging, cells holding at least
-    `merge_min_cell_pixels` form 8-connected components; a sparser occupied cell joins the component
-    of its most populated dense neighbour, or stays a group of its own.
+    Without merging every occupied cell is a group. With merging, cells holding at least `min_dense`
+    pixels form 8-connected components; a sparser occupied cell joins the component of its most
+    populated dense neighbour, or stays a group of its own.
     """
     occupied = counts > 0
     groups = np.full(counts.shape, -1, dtype=np.int64)
-    if not cfg.merge_adjacent:
+    if not merge:
         groups[occupied] = np.arange(int(occupied.sum()))
         return groups
-    dense = counts >= cfg.merge_min_cell_pixels
+    dense = counts >= min_dense
     labels, n = ndimage.label(dense, structure=np.ones((3, 3), dtype=bool))
     groups[dense] = labels[dense] - 1
     sparse = occupied & ~dense
@@ -255,9 +272,14 @@ def _group_cells(counts: np.ndarray, cfg: PostprocessConfig) -> np.ndarray:
 
 
 def _nms(
-    group_of_cell: np.ndarray, counts: np.ndarray, prob_sum: np.ndarray, agree_sum: np.ndarray, cfg: PostprocessConfig
+    group_of_cell: np.ndarray,
+    counts: np.ndarray,
+    prob_sum: np.ndarray,
+    agree_sum: np.ndarray,
+    cfg: PostprocessConfig,
+    min_area: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score groups and run matrix NMS on their cell masks.
+    """Score groups and run matrix NMS on their cell masks; groups under `min_area` pixels do not enter.
 
     Returns (order, masks, decayed scores): `masks` is (K, G²) bool over cells, `order` the indices
     of the kept groups best first. Score = mean thing probability × mean agreement over the group's
@@ -273,7 +295,8 @@ def _nms(
     score = (np.bincount(gid, weights=prob_sum[occupied], minlength=n_groups) / area) * (
         np.bincount(gid, weights=agree_sum[occupied], minlength=n_groups) / area
     )
-    cand = np.argsort(-score, kind="stable")[: cfg.nms_pre_top_k]
+    cand = np.argsort(-score, kind="stable")
+    cand = cand[area[cand] >= min_area][: cfg.nms_pre_top_k]  # noise singletons would only cost NMS time
     # a group's mask: its cells, widened by the radius around every cell (binary dilation on the grid)
     masks = np.zeros((len(cand), G, G), dtype=bool)
     where = np.full(n_groups, -1, dtype=np.int64)
@@ -297,11 +320,14 @@ def matrix_nms_decay(masks: np.ndarray, pixel_weight: np.ndarray, sigma: float) 
 
     `masks` (K, M) bool over M cells, each cell weighing `pixel_weight` pixels. For j, over every
     better mask i: decay_j = min_i exp(−σ·IoU_ij²) / exp(−σ·IoU_i,max²), where IoU_i,max is i's own
-    largest IoU with a mask better than i (1 for the best mask).
+    largest IoU with a mask better than i (0 for the best mask).
     """
-    weighted = masks * pixel_weight[None, :].astype(np.float64)
-    inter = weighted @ masks.T.astype(np.float64)
-    mask_area = weighted.sum(axis=1)
+    used = pixel_weight > 0  # empty cells add nothing: dropping them shrinks the matmul ~10×
+    dense = torch.from_numpy(np.ascontiguousarray(masks[:, used], dtype=np.float64))
+    weighted = dense * torch.from_numpy(pixel_weight[used].astype(np.float64))[None, :]
+    # torch, not numpy: numpy's BLAS threads stall for tens of ms on a busy machine, torch obeys set_num_threads
+    inter = (weighted @ dense.T).numpy()
+    mask_area = weighted.sum(dim=1).numpy()
     union = mask_area[:, None] + mask_area[None, :] - inter
     iou = np.triu(np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), k=1)  # row i better than col j
     iou_cmax = iou.max(axis=0) if len(iou) else np.zeros(0)
@@ -351,7 +377,7 @@ def ideal_outputs(
     n = max(index_of_segment, default=0)
     u_of, v_of = np.zeros(n + 1), np.zeros(n + 1)
     things = [(seg, idx) for seg, idx in zip(segments, index_of_segment) if idx > 0]
-    for (seg, idx), st in zip(things, segment_stats(pan_ids, [int(s["id"]) for s, _ in things])):
+    for (_, idx), st in zip(things, segment_stats(pan_ids, [int(s["id"]) for s, _ in things])):
         u_of[idx], v_of[idx] = st.centroid
     inst = pe_target(u_of[ins], v_of[ins], ins > 0, num_harmonics)  # h, w, 4L
     return sem, np.ascontiguousarray(inst.transpose(2, 0, 1).astype(np.float32))
