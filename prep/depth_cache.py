@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np

@@ -23,9 +23,10 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Sequence
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -99,19 +100,22 @@ def encode_sample(
     disparity: np.ndarray | None = None,
     source_root: str | Path | None = None,
 ) -> dict[str, bytes]:
-    """All fields of one shard sample (without the key); raises ValueError when targets cannot be built."""
-    if sample.pan_ids is None:
-        raise ValueError("sample has no panoptic labels")
-    train_id_of = {c.id: c.train_id for c in categories}
-    things = {c.id for c in categories if c.isthing}
-    targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip)
+    """All fields of one shard sample (without the key); raises ValueError when targets cannot be built.
+
+    A sample without panoptic labels (NYUv2 depth, an image folder) has no sem/ins/dist fields and
+    `"panoptic": false` in its json.
+    """
     level = params.png_compression
-    fields: dict[str, bytes] = {
-        sample.image_ext: sample.image_bytes,
-        "sem.png": encode_png(targets.sem, level),
-        "ins.png": encode_png(targets.ins, level),
-        "dist.png": encode_png(encode_distance(targets.dist, params.dist_clip), level),
-    }
+    fields: dict[str, bytes] = {sample.image_ext: sample.image_bytes}
+    segments: list[dict[str, Any]] = []
+    if sample.pan_ids is not None:
+        train_id_of = {c.id: c.train_id for c in categories}
+        things = {c.id for c in categories if c.isthing}
+        targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip)
+        fields["sem.png"] = encode_png(targets.sem, level)
+        fields["ins.png"] = encode_png(targets.ins, level)
+        fields["dist.png"] = encode_png(encode_distance(targets.dist, params.dist_clip), level)
+        segments = targets.segments
     if params.write_depth and sample.depth_m is not None:
         fields["depth.png"] = encode_png(encode_depth_mm(sample.depth_m), level)
     if params.teacher:
@@ -133,7 +137,8 @@ def encode_sample(
             "depth": sample.depth_hash,
             "source": sample.source_hash,
         },
-        "segments": targets.segments,
+        "panoptic": sample.pan_ids is not None,
+        "segments": segments,
         "prep_version": PREP_VERSION,
         "params": params.stored(),
         "categories": category_table(categories),
@@ -163,6 +168,9 @@ class _HashingFile:
         self.sha.update(data)
         self.size += len(data)
         return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
 
 
 def _tar_info(name: str, size: int) -> tarfile.TarInfo:

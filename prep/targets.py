@@ -41,7 +41,7 @@ class SegmentStats:
     centroid: tuple[float, float]  # (u, v) in [-1, 1]
 
 
-_UNKNOWN = np.iinfo(np.uint16).max  # dense index of an id that is not listed
+UNLISTED = np.iinfo(np.uint16).max  # dense index of an id that is not listed
 _lut_store = threading.local()
 
 
@@ -52,11 +52,11 @@ def segment_index_map(pan_ids: np.ndarray, segment_ids: Sequence[int]) -> np.nda
     A per-thread lookup table over all 2^24 COCO ids replaces a sort of every pixel (np.unique): the
     gather touches only as many table entries as there are segments, so it stays in cache.
     """
-    if len(segment_ids) >= _UNKNOWN:
+    if len(segment_ids) >= UNLISTED:
         raise ValueError(f"{len(segment_ids)} segments do not fit a uint16 index map")
     lut = getattr(_lut_store, "lut", None)
     if lut is None:
-        lut = _lut_store.lut = np.full(256**3, _UNKNOWN, dtype=np.uint16)
+        lut = _lut_store.lut = np.full(256**3, UNLISTED, dtype=np.uint16)
     ids = np.asarray(segment_ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError("segment ids must lie in [0, 256³)")
@@ -67,8 +67,8 @@ def segment_index_map(pan_ids: np.ndarray, segment_ids: Sequence[int]) -> np.nda
             raise ValueError("panoptic ids must lie in [0, 256³)")
         return lut[pan_ids]
     finally:
-        lut[ids] = _UNKNOWN
-        lut[0] = _UNKNOWN
+        lut[ids] = UNLISTED
+        lut[0] = UNLISTED
 
 
 def semantic_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], cat_to_train: dict[int, int]) -> np.ndarray:
@@ -78,7 +78,7 @@ def semantic_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], cat_to
 
 
 def _semantic_from_dense(dense: np.ndarray, segments: Sequence[dict[str, Any]], cat_to_train: dict[int, int]) -> np.ndarray:
-    lut = np.full(_UNKNOWN + 1, IGNORE, dtype=np.uint8)
+    lut = np.full(UNLISTED + 1, IGNORE, dtype=np.uint8)
     lut[1 : len(segments) + 1] = [cat_to_train.get(int(s["category_id"]), IGNORE) for s in segments]
     return lut[dense]
 
@@ -95,7 +95,7 @@ def instance_map(pan_ids: np.ndarray, segments: Sequence[dict[str, Any]], thing_
 def _instance_from_dense(dense: np.ndarray, segments: Sequence[dict[str, Any]], thing_categories: set[int]) -> tuple[np.ndarray, list[int]]:
     is_thing = [int(s["category_id"]) in thing_categories for s in segments]
     index_of_segment = list(np.cumsum(is_thing) * np.asarray(is_thing, dtype=int)) if segments else []
-    lut = np.zeros(_UNKNOWN + 1, dtype=np.uint16)
+    lut = np.zeros(UNLISTED + 1, dtype=np.uint16)
     lut[1 : len(segments) + 1] = index_of_segment
     return lut[dense], [int(i) for i in index_of_segment]
 
@@ -112,7 +112,7 @@ def _stats_from_dense(dense: np.ndarray, segment_ids: Sequence[int]) -> list[Seg
     """Everything from two histograms (segment × row, segment × column): no per-segment mask scans."""
     h, w = dense.shape
     k = len(segment_ids) + 1
-    idx = np.where(dense == _UNKNOWN, 0, dense).astype(np.int64)
+    idx = np.where(dense == UNLISTED, 0, dense).astype(np.int64)
     rows = np.bincount((idx + (np.arange(h, dtype=np.int64) * k)[:, None]).ravel(), minlength=h * k).reshape(h, k)
     cols = np.bincount((idx + (np.arange(w, dtype=np.int64) * k)[None, :]).ravel(), minlength=w * k).reshape(w, k)
     area = rows.sum(0)

@@ -15,8 +15,9 @@ pseudo-label cache and is stored in every shard's parameters, so a new teacher r
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np

@@ -25,6 +25,7 @@ from prep.readers.base import (
     sha256_hex,
 )
 from prep.readers.image_header import image_info
+from prep.targets import UNLISTED, segment_index_map
 
 
 class CocoPanopticReader:
@@ -174,11 +175,15 @@ class CocoPanopticReader:
             json_ids.append(int(seg["id"]))
         if len(set(json_ids)) != len(json_ids):
             raise SampleProblem("duplicate segment ids in segments_info", path)
-        png_ids = set(np.unique(pan_ids).tolist()) - {0}
-        missing_json = sorted(png_ids - set(json_ids))
-        if missing_json:
+        try:
+            dense = segment_index_map(pan_ids, json_ids)
+        except ValueError as exc:
+            raise SampleProblem(str(exc), path) from None
+        if (dense == UNLISTED).any():  # rare error path: name the ids
+            missing_json = sorted(set(np.unique(pan_ids[dense == UNLISTED]).tolist()))
             raise SampleProblem(f"PNG segment id(s) {missing_json[:5]} not in the JSON", path)
-        missing_png = sorted(set(json_ids) - png_ids)
+        present = np.bincount(dense.ravel(), minlength=len(json_ids) + 1)[1:]
+        missing_png = [sid for sid, n in zip(json_ids, present) if n == 0]
         if missing_png:
             raise SampleProblem(f"JSON segment id(s) {missing_png[:5]} not in the PNG", path)
 
