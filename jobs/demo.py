@@ -40,10 +40,10 @@ def stages(out: Path, train_images: int, val_images: int) -> list[Stage]:
     return [
         Stage("data", "prep/synthetic.py", "data/annotations/panoptic_val.json",
               ["--out", str(data), "--train", str(train_images), "--val", str(val_images)], 3),
-        Stage("shards", "prep/build_shards.py", "shards/train/manifest.parquet",
+        Stage("shards", "prep/build_shards.py", "shards/manifest.parquet",
               ["--config", "prep/configs/synthetic.toml", f"--data.root={data}", f"--out={out / 'shards'}"], 4),
         Stage("train", "train/main.py", "train/checkpoints/final.pt",
-              ["--config", "train/configs/tiny_cpu.toml", f"--data.shards={out / 'shards' / 'train'}", f"--out={out / 'train'}"], 5),
+              ["--config", "train/configs/tiny_cpu.toml", f"--data.shards={out / 'shards'}", f"--out={out / 'train'}"], 5),
         Stage("predict", "eval/predict.py", "predictions/panoptic_val.json",
               ["--checkpoint", str(out / "train/checkpoints/final.pt"), "--coco-root", str(data), "--split", "val",
                "--out", str(out / "predictions")], 7),
