@@ -1,0 +1,180 @@
+"""Training-step and loader throughput.
+
+    python bench/train_step.py                       # synthetic shards made in a temp folder
+    python bench/train_step.py --shards data/shards/synthetic/train --workers 2
+
+1. images/s of one full training step (forward, all losses, backward, AdamW) for ViT-S at 224² on the CPU
+   and, when CUDA is present, ViT-L at 280² under bf16 autocast with model FLOPs utilisation
+   (FLOPs counted by torch.utils.flop_counter over forward + backward, against the GPU's dense bf16 peak).
+2. the streaming loader's images/s (train/data.py: tar → shuffle → decode all fields → collate) against a
+   bare loop that only decodes the JPEGs of the same shards in one process; the ratio is the last line:
+   RESULT loader_over_decode=<ratio>   (goal ≥ 0.9: the loader costs no more than the decode itself).
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from train.augment import loss_size
+from train.data import BatchStream, DataConfig, resolve_shards
+from train.losses import LossConfig, compute_losses
+from train.model import ModelConfig, build_model
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def random_targets(batch: int, h: int, w: int, num_classes: int, device: torch.device, gen: torch.Generator) -> dict:
+    ins = torch.randint(0, 6, (batch, h, w), generator=gen).to(device)
+    return {
+        "sem": torch.randint(0, num_classes, (batch, h, w), generator=gen).to(device),
+        "dist": (torch.rand(batch, h, w, generator=gen) * 30).to(device),
+        "u": (torch.rand(batch, h, w, generator=gen) * 2 - 1).to(device),
+        "v": (torch.rand(batch, h, w, generator=gen) * 2 - 1).to(device),
+        "valid": ins > 0,
+        "ignore": torch.zeros(batch, h, w, dtype=torch.bool, device=device),
+        "ins": ins,
+    }
+
+
+def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.device, bf16: bool) -> tuple[float, float]:
+    """(images/s, FLOPs per step) of forward + losses + backward + AdamW at `size`²."""
+    model = build_model(ModelConfig(arch=arch, num_classes=133, img_size=size)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    targets = random_targets(batch, *loss_size(size, size), 133, device, gen)
+    loss_cfg = LossConfig()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(images)
+        compute_losses(out, targets, loss_cfg)["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+        step()
+    flops = float(counter.get_total_flops())
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return batch * steps / (time.perf_counter() - start), flops
+
+
+def bare_jpeg_decode(urls: list[str]) -> tuple[int, float]:
+    """Images decoded and seconds, reading the tars in order and decoding only the images."""
+    count, start = 0, time.perf_counter()
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith((".jpg", ".png")) and member.name.count(".") == 1:
+                    data = tar.extractfile(member).read()
+                    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+                    cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+                    count += 1
+    return count, time.perf_counter() - start
+
+
+def full_decode(urls: list[str]) -> float:
+    """images/s of decoding every field (train/data.decode_sample) in one process, no pipeline."""
+    import webdataset as wds
+
+    from train.data import decode_sample
+
+    raws = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    start = time.perf_counter()
+    for raw in raws:
+        decode_sample(raw)
+    return len(raws) / (time.perf_counter() - start)
+
+
+def loader_throughput(shards: str, workers: int, batch: int, images: int) -> float:
+    # a long epoch: no worker restart inside the timed window
+    cfg = DataConfig(shards=shards, micro_batch=batch, num_workers=workers, shuffle_buffer=64, shuffle_initial=16,
+                     epoch_size=100 * images)
+    stream = BatchStream(cfg, seed=0)
+    next(stream)  # workers started, buffers filled
+    start, seen = time.perf_counter(), 0
+    while seen < images:
+        seen += len(next(stream)["key"])
+    return seen / (time.perf_counter() - start)
+
+
+def make_shards(root: Path, num_images: int) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_data import write_synthetic_shards
+
+    return write_synthetic_shards(root, num_images, per_shard=32, min_size=128, max_size=256)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", default="", help="shard folder or pattern (default: 256 synthetic images in a temp folder)")
+    parser.add_argument("--workers", type=int, default=2, help="loader DataLoader workers")
+    parser.add_argument("--loader-batch", type=int, default=8, help="loader batch size")
+    parser.add_argument("--cpu-batch", type=int, default=4, help="batch of the ViT-S CPU step")
+    parser.add_argument("--cpu-steps", type=int, default=3, help="timed ViT-S CPU steps")
+    parser.add_argument("--gpu-batch", type=int, default=32, help="batch of the ViT-L GPU step")
+    parser.add_argument("--gpu-steps", type=int, default=10, help="timed ViT-L GPU steps")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--skip-steps", action="store_true", help="only the loader comparison")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            shards = args.shards or str(make_shards(Path(tmp), 256))
+            urls = resolve_shards(shards)
+            if not args.skip_steps:
+                cpu = torch.device("cpu")
+                ips, flops = step_throughput("vit_small", 224, args.cpu_batch, args.cpu_steps, cpu, bf16=False)
+                print(f"ViT-S 224² CPU train step: {ips:.2f} images/s (batch {args.cpu_batch}, {flops / 1e9:.1f} GFLOP/step,"
+                      f" {torch.get_num_threads()} threads)")
+                if torch.cuda.is_available():
+                    gpu = torch.device("cuda")
+                    ips, flops = step_throughput("vit_large", 280, args.gpu_batch, args.gpu_steps, gpu, bf16=True)
+                    name = torch.cuda.get_device_name()
+                    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+                    achieved = flops * ips / args.gpu_batch / 1e12
+                    mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOPS" if peak else "peak unknown"
+                    print(f"ViT-L 280² bf16 train step on {name}: {ips:.1f} images/s, {achieved:.1f} TFLOPS, MFU {mfu}")
+            count, seconds = bare_jpeg_decode(urls)
+            decode_ips = count / seconds
+            loader_ips = loader_throughput(shards, args.workers, args.loader_batch, 2 * count)
+            fields_ips = full_decode(urls)
+            print(f"bare JPEG decode: {decode_ips:.1f} images/s ({count} images, 1 process)")
+            print(f"decode of every field (image + label PNGs + json), 1 process, no pipeline: {fields_ips:.1f} images/s")
+            print(f"loader ({args.workers} workers, all fields + collate): {loader_ips:.1f} images/s")
+            print(f"RESULT loader_over_decode={loader_ips / decode_ips:.3f}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Streaming loader and on-device augmentation (train/data.py, train/augment.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prep.readers import make_reader
+from prep.shards import ShardParams, encode_sample, write_tar
+from prep.synthetic import SceneConfig, generate_split
+from prep.targets import DIST_SCALE, IGNORE
+from prep.teachers import disparity_from_depth
+from train.augment import AugmentParams, augment_batch, draw_params, instance_centroids, loss_size
+from train.data import BatchStream, DataConfig, batches_consumed_by_worker, collate, count_samples, resolve_shards
+
+torch.set_num_threads(1)
+
+
+def write_synthetic_shards(root: Path, num_images: int, per_shard: int, min_size: int, max_size: int, seed: int = 0) -> Path:
+    """Synthetic scenes → shards with the real shard writer (prep/shards.py); returns the shard folder."""
+    data_root = root / "synthetic"
+    generate_split(data_root, "train", num_images, seed, SceneConfig(min_size=min_size, max_size=max_size), progress=False)
+    reader = make_reader("synthetic", root=data_root, split="train")
+    params = ShardParams(teacher="ground-truth-depth/v1")
+    samples = []
+    for ref in reader.refs():
+        sample = reader.load(ref)
+        samples.append((sample.key, encode_sample(sample, reader.categories, params, disparity_from_depth(sample.depth_m))))
+    samples.sort()
+    out = root / "shards"
+    out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(samples), per_shard):
+        write_tar(out / f"shard-{start // per_shard:04d}.tar", samples[start : start + per_shard])
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_synthetic_shards(tmp_path_factory.mktemp("data"), num_images=12, per_shard=4, min_size=40, max_size=64)
+
+
+# -- numpy references ---------------------------------------------------------------------------------
+def numpy_centroids(ins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slow loop: per image, per instance index, the mean pixel centre in [-1, 1] coordinates."""
+    b, h, w = ins.shape
+    u, v = np.zeros(ins.shape), np.zeros(ins.shape)
+    for i in range(b):
+        for k in np.unique(ins[i]):
+            if k == 0:
+                continue
+            ys, xs = [], []
+            for y in range(h):
+                for x in range(w):
+                    if ins[i, y, x] == k:
+                        ys.append(y)
+                        xs.append(x)
+            cu = np.mean([2 * (x + 0.5) / w - 1 for x in xs])
+            cv = np.mean([2 * (y + 0.5) / h - 1 for y in ys])
+            u[i][ins[i] == k], v[i][ins[i] == k] = cu, cv
+    return u, v
+
+
+def numpy_crop_nearest(src: np.ndarray, size_hw: tuple[int, int], off_y: int, off_x: int, flip: bool, out_hw, grid_hw, pad):
+    """Crop at an integer offset (scale 1), flip, then sample the loss grid at its pixel centres (nearest)."""
+    h_img, w_img = size_hw
+    out = np.full(grid_hw, pad, dtype=np.float64)
+    for i in range(grid_hw[0]):
+        for j in range(grid_hw[1]):
+            y = int(np.floor((i + 0.5) * out_hw[0] / grid_hw[0] + off_y))
+            x = int(np.floor((j + 0.5) * out_hw[1] / grid_hw[1] + off_x))
+            if flip:
+                x = w_img - 1 - x
+            if 0 <= y < h_img and 0 <= x < w_img:
+                out[i, j] = src[y, x]
+    return out
+
+
+def random_label_batch(rng: np.random.Generator, sizes: list[tuple[int, int]]):
+    """Blocky instance maps (some crowd) on padded canvases, in the collate layout."""
+    hc, wc = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    n = len(sizes)
+    ins = np.zeros((n, hc, wc), np.int32)
+    for i, (h, w) in enumerate(sizes):
+        blocks = rng.integers(0, 6, size=(h // 8 + 1, w // 8 + 1))
+        ins[i, :h, :w] = np.kron(blocks, np.ones((8, 8), np.int32))[:h, :w]
+    sem = np.where(ins > 0, ins % 3, 5).astype(np.uint8)
+    for i, (h, w) in enumerate(sizes):
+        sem[i, h:, :], sem[i, :, w:] = IGNORE, IGNORE
+    dist = rng.integers(0, 40 * DIST_SCALE, size=ins.shape).astype(np.int32)
+    crowd = np.zeros((n, 6), bool)
+    crowd[:, 5] = True
+    batch = {
+        "image": torch.from_numpy(rng.integers(0, 256, size=(n, 3, hc, wc), dtype=np.uint8)),
+        "sem": torch.from_numpy(sem),
+        "ins": torch.from_numpy(ins),
+        "dist": torch.from_numpy(dist),
+        "size": torch.tensor(sizes, dtype=torch.long),
+        "crowd": torch.from_numpy(crowd),
+    }
+    return batch
+
+
+# -- augmentation -------------------------------------------------------------------------------------
+def test_instance_centroids_match_numpy_loop():
+    rng = np.random.default_rng(0)
+    ins = rng.integers(0, 5, size=(2, 9, 13))
+    u, v = instance_centroids(torch.from_numpy(ins))
+    ru, rv = numpy_centroids(ins)
+    np.testing.assert_allclose(u.numpy(), ru, atol=1e-6)
+    np.testing.assert_allclose(v.numpy(), rv, atol=1e-6)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_crop_flip_targets_match_numpy_reference(flip):
+    rng = np.random.default_rng(1)
+    sizes = [(70, 90), (84, 60)]
+    batch = random_label_batch(rng, sizes)
+    out_hw = (56, 56)
+    h, w = loss_size(*out_hw)
+    offsets = [(5, 17), (-7, 3)]  # second image: narrower than the output along x → padding on its left
+    params = AugmentParams(
+        factor=torch.ones(2, dtype=torch.float64),
+        offset_x=torch.tensor([float(o[1]) for o in offsets], dtype=torch.float64),
+        offset_y=torch.tensor([float(o[0]) for o in offsets], dtype=torch.float64),
+        flip=torch.tensor([flip, flip]),
+    )
+    _, targets = augment_batch(batch, out_hw, params, (0.5, 0.5, 0.5), pad_dist=999.0)
+    ins_ref, sem_ref, dist_ref = [], [], []
+    for i, size in enumerate(sizes):
+        args = (size, offsets[i][0], offsets[i][1], flip, out_hw, (h, w))
+        ins_ref.append(numpy_crop_nearest(batch["ins"][i].numpy(), *args, pad=0))
+        sem_ref.append(numpy_crop_nearest(batch["sem"][i].numpy(), *args, pad=IGNORE))
+        dist_ref.append(numpy_crop_nearest(batch["dist"][i].numpy() / DIST_SCALE * (w / out_hw[1]), *args, pad=999.0))
+    ins_ref = np.stack(ins_ref).astype(np.int64)
+    np.testing.assert_array_equal(targets["ins"].numpy(), ins_ref)
+    np.testing.assert_array_equal(targets["sem"].numpy(), np.stack(sem_ref))
+    np.testing.assert_allclose(targets["dist"].numpy(), np.stack(dist_ref), rtol=1e-6)
+    ru, rv = numpy_centroids(ins_ref)
+    np.testing.assert_allclose(targets["u"].numpy(), ru, atol=1e-5)
+    np.testing.assert_allclose(targets["v"].numpy(), rv, atol=1e-5)
+    np.testing.assert_array_equal(targets["ignore"].numpy(), ins_ref == 5)
+    np.testing.assert_array_equal(targets["valid"].numpy(), (ins_ref > 0) & (ins_ref != 5))
+
+
+def test_resize_scales_distance_and_keeps_image_range():
+    rng = np.random.default_rng(2)
+    batch = random_label_batch(rng, [(28, 28)])
+    batch["dist"][:] = 10 * DIST_SCALE  # 10 source px everywhere
+    params = AugmentParams(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                           torch.zeros(1, dtype=torch.float64), torch.tensor([False]))
+    images, targets = augment_batch(batch, (56, 56), params, (0.5, 0.5, 0.5), pad_dist=999.0)
+    # ×2 resize, then the loss grid is 32/56 of the output: d = 10 · 2 · 32/56
+    np.testing.assert_allclose(targets["dist"].numpy(), 10 * 2 * 32 / 56, rtol=1e-6)
+    assert images.shape == (1, 3, 56, 56) and 0.0 <= images.min() and images.max() <= 1.0
+
+
+def test_draw_params_windows_stay_in_range():
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[100, 200], [50, 40]] * 50)
+    p = draw_params(sizes, (56, 84), (0.5, 2.0), 0.5, gen)
+    scaled_h, scaled_w = sizes[:, 0] * p.factor, sizes[:, 1] * p.factor
+    # a window inside the scaled image when it is larger, the image inside the window when smaller
+    assert bool(((p.offset_y >= torch.minimum(scaled_h - 56, torch.zeros(1)) - 1e-9)
+                 & (p.offset_y <= torch.maximum(scaled_h - 56, torch.zeros(1)) + 1e-9)).all())
+    assert bool(((p.offset_x >= torch.minimum(scaled_w - 84, torch.zeros(1)) - 1e-9)
+                 & (p.offset_x <= torch.maximum(scaled_w - 84, torch.zeros(1)) + 1e-9)).all())
+    base = torch.maximum(56 / sizes[:, 0].double(), 84 / sizes[:, 1].double())
+    assert bool(((p.factor / base >= 0.5) & (p.factor / base <= 2.0)).all())
+    assert 0 < int(p.flip.sum()) < 100
+
+
+# -- loader ---------------------------------------------------------------------------------------------
+def test_resolve_and_count_shards(shards, tmp_path):
+    urls = resolve_shards(str(shards))
+    assert len(urls) == 3
+    assert resolve_shards(str(shards / "shard-{0000..0001}.tar")) == urls[:2]
+    assert count_samples(urls) == 12
+    with pytest.raises(FileNotFoundError, match="no .tar shards|shard"):
+        resolve_shards(str(tmp_path / "missing"))
+
+
+def test_batches_consumed_by_worker_matches_round_robin():
+    for workers in (1, 2, 3):
+        for consumed in range(10):
+            for w in range(workers):
+                assert batches_consumed_by_worker(consumed, w, workers) == sum(1 for i in range(consumed) if i % workers == w)
+
+
+def test_collate_pads_with_void():
+    rng = np.random.default_rng(3)
+    samples = []
+    for i, (h, w) in enumerate([(5, 7), (6, 4)]):
+        samples.append({"key": f"k{i}", "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+                        "sem": np.zeros((h, w), np.uint8), "ins": np.ones((h, w), np.int32),
+                        "dist": np.ones((h, w), np.int32), "crowd": np.array([False, i == 1])})
+    batch = collate(samples)
+    assert batch["image"].shape == (2, 3, 6, 7)
+    assert bool((batch["sem"][0, 5:] == IGNORE).all()) and bool((batch["ins"][1, :, 4:] == 0).all())
+    assert batch["size"].tolist() == [[5, 7], [6, 4]]
+    assert batch["crowd"].tolist() == [[False, False], [False, True]]
+
+
+def _keys(stream: BatchStream, n: int) -> list[list[str]]:
+    return [next(stream)["key"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_is_deterministic_and_resumes_mid_epoch(shards, workers):
+    cfg = DataConfig(shards=str(shards), micro_batch=2, size=[56, 56], num_workers=workers, shuffle_buffer=8,
+                     shuffle_initial=4, depth="disp")
+    straight = _keys(BatchStream(cfg, seed=5), 9)
+    assert straight == _keys(BatchStream(cfg, seed=5), 9)
+    assert straight != _keys(BatchStream(cfg, seed=6), 9)
+    stream = BatchStream(cfg, seed=5)
+    assert stream.batches_per_epoch == 6
+    head = _keys(stream, 3)
+    resumed = BatchStream(cfg, seed=5)
+    resumed.load_state_dict(stream.state_dict())
+    assert head + _keys(resumed, 6) == straight
+
+
+def test_stream_batch_and_device_targets(shards):
+    from train.augment import DeviceAugmenter
+
+    cfg = DataConfig(shards=str(shards), micro_batch=3, size=[56, 42], num_workers=0, depth="disp")
+    batch = next(BatchStream(cfg, rank=1, world_size=2, seed=0))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[:2] == (3, 3)
+    aug = DeviceAugmenter((56, 42), (0.5, 1.5), 0.5, seed=0, pad_value=(0.5, 0.5, 0.5), pad_dist=1000.0)
+    images, targets = aug(batch)
+    assert images.shape == (3, 3, 56, 42)
+    h, w = loss_size(56, 42)
+    for key in ("sem", "ins", "dist", "u", "v", "valid", "ignore", "disp", "depth_valid"):
+        assert targets[key].shape == (3, h, w), key
+    thing = targets["ins"] > 0
+    assert bool((targets["u"][thing].abs() <= 1).all()) and bool((targets["v"][~thing] == 0).all())
+    state = aug.state_dict()
+    again = DeviceAugmenter((56, 42), (0.5, 1.5), 0.5, seed=1, pad_value=(0.5, 0.5, 0.5), pad_dist=1000.0)
+    again.load_state_dict(state)
+    assert torch.equal(aug(batch)[0], again(batch)[0])
+
+
+def test_disjoint_shard_mode_needs_enough_shards(shards):
+    cfg = DataConfig(shards=str(shards), micro_batch=2, size=[56, 56], num_workers=0, resampled=False)
+    keys = {k for batch in _keys(BatchStream(cfg, rank=0, world_size=2, seed=0), 4) for k in batch}
+    other = {k for batch in _keys(BatchStream(cfg, rank=1, world_size=2, seed=0), 2) for k in batch}
+    assert keys.isdisjoint(other)
+    with pytest.raises(ValueError, match="resampled = false"):
+        BatchStream(cfg, rank=0, world_size=4, seed=0)

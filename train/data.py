@@ -1,0 +1,317 @@
+"""Streaming loader over the WebDataset shards (shard contract in docs/architecture.md).
+
+    cfg = DataConfig(shards="data/shards/synthetic/train", micro_batch=8, size=[112, 112])
+    stream = BatchStream(cfg, rank=0, world_size=1, seed=0)
+    batch = to_device(next(stream), device)        # padded CPU batch → device
+    images, targets = augmenter(batch)             # train/augment.py, on the device
+
+Pipeline per DataLoader worker: shard source → tar → shuffle buffer → decode (OpenCV) → batch + collate.
+- Shard source, `resampled = true` (default): each (rank, worker) draws shards with replacement from its
+  own seeded RNG, and `with_epoch` cuts the endless stream into equal per-worker epochs, so every rank
+  gets the same number of batches whatever the shard sizes (no rank waits on another at an epoch end).
+  `resampled = false`: `split_by_node` + `split_by_worker` give each (rank, worker) a disjoint slice of
+  the shards, read round after round in a reshuffled order; needs shards ≥ world size × workers.
+- Collation pads the variable-sized images of a batch to the batch maximum (void labels, zero image) and
+  keeps each image's true size. No CPU resize: the random scale and crop happen on the training device
+  in one `grid_sample` per batch (train/augment.py), and resizing on the CPU first would resample twice.
+- Determinism: every random choice comes from seeds derived from (seed, rank, worker, epoch), so a run
+  resumed at (epoch, batch index) rebuilds the same stream and skips the consumed raw samples before
+  decoding them (`BatchStream.state_dict` / `load_state_dict`).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch import Tensor
+
+from prep.shards import DISP_SCALE
+from prep.targets import IGNORE
+
+DEPTH_TARGETS = ("none", "disp", "depth")
+MANIFEST_NAME = "manifest.parquet"
+
+
+@dataclass
+class DataConfig:
+    """Schema of the `[data]` config section.
+
+    shards: a directory of `*.tar` shards or a brace pattern ("/data/coco-{000000..000099}.tar").
+    micro_batch: images per rank per micro-step (the effective batch is set in [optim]).
+    size: [H, W] of the augmented training images, multiples of 14 (the loss grid is 8·H/14).
+    scale_min / scale_max: the random scale on top of the factor that makes the image cover H×W.
+    epoch_size: samples in one epoch; 0 = from manifest.parquet beside the shards, else counted in the tars.
+    depth: "none", "disp" (disp.png, affine-invariant loss) or "depth" (depth.png metres, SILog).
+    pad_dist: boundary distance (loss px) given to padding outside the image: far from any edge.
+    """
+
+    shards: str = "data/shards/synthetic/train"
+    micro_batch: int = 8
+    size: list[int] = field(default_factory=lambda: [112, 112])
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip_prob: float = 0.5
+    shuffle_buffer: int = 256
+    shuffle_initial: int = 64
+    num_workers: int = 2
+    resampled: bool = True
+    epoch_size: int = 0
+    depth: str = "none"
+    pad_dist: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or any(s <= 0 or s % 14 for s in self.size):
+            raise ValueError(f"data.size must be [H, W], positive multiples of 14, got {self.size}")
+        if self.micro_batch < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
+            raise ValueError("data.micro_batch and data.shuffle_buffer must be >= 1, data.num_workers >= 0")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"data.scale_min/scale_max need 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"data.flip_prob must lie in [0, 1], got {self.flip_prob}")
+        if self.depth not in DEPTH_TARGETS:
+            raise ValueError(f"data.depth must be one of {DEPTH_TARGETS}, got {self.depth!r}")
+
+
+# -- shard files --------------------------------------------------------------------------------------
+def resolve_shards(spec: str) -> list[str]:
+    """Shard paths of a directory (its *.tar, sorted) or a brace/glob pattern; FileNotFoundError names the spec."""
+    path = Path(spec)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))
+        if not urls:
+            raise FileNotFoundError(f"data.shards: no *.tar shards in directory {spec}")
+        return urls
+    urls = sorted({m for pattern in braceexpand(spec) for m in (glob.glob(pattern) or [pattern])})
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.shards: shard file(s) not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples in the shards: from manifest.parquet beside them when it lists them all, else by tar headers."""
+    manifest = Path(urls[0]).parent / MANIFEST_NAME
+    if manifest.is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(manifest, columns=["kind", "shard", "count"]).to_pylist()
+        counts = {Path(r["shard"]).name: int(r["count"]) for r in table if r["kind"] == "shard"}
+        names = [Path(u).name for u in urls]
+        if all(n in counts for n in names):
+            return sum(counts[n] for n in names)
+    total = 0
+    for url in urls:
+        with tarfile.open(url) as tar:
+            total += len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    return total
+
+
+# -- decoding (in the DataLoader workers) ---------------------------------------------------------------
+def _png(data: bytes, what: str, key: str) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError(f"sample {key}: cannot decode {what}")
+    return array
+
+
+def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
+    """Raw tar members of one sample → numpy arrays: image (H, W, 3) RGB uint8, sem, ins, dist, crowd flags."""
+    key = raw["__key__"]
+    image_bytes = raw.get("jpg", raw.get("png"))
+    if image_bytes is None:
+        raise ValueError(f"sample {key}: no jpg or png image")
+    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"sample {key}: cannot decode the image")
+    meta = json.loads(raw["json"])
+    segments = meta.get("segments", [])
+    max_ins = max((int(s.get("ins", 0)) for s in segments), default=0)
+    crowd = np.zeros(max_ins + 1, dtype=bool)
+    for s in segments:
+        if int(s.get("ins", 0)) > 0 and s.get("iscrowd"):
+            crowd[int(s["ins"])] = True
+    out = {
+        "key": key,
+        "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
+        "sem": _png(raw["sem.png"], "sem.png", key),
+        "ins": _png(raw["ins.png"], "ins.png", key).astype(np.int32),
+        "dist": _png(raw["dist.png"], "dist.png", key).astype(np.int32),
+        "crowd": crowd,
+    }
+    if depth != "none":
+        field_name = f"{depth}.png"
+        if field_name not in raw:
+            raise ValueError(f"sample {key}: data.depth = {depth!r} but the shard has no {field_name}")
+        stored = _png(raw[field_name], field_name, key)
+        if depth == "depth":
+            out["depth"] = stored.astype(np.float32) / 1000.0
+            out["depth_valid"] = stored > 0
+        else:
+            out["disp"] = stored.astype(np.float32) / DISP_SCALE
+            out["depth_valid"] = np.ones(stored.shape, dtype=bool)
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of decoded samples to the batch's largest height and width (void labels, zero image)."""
+    height = max(s["image"].shape[0] for s in samples)
+    width = max(s["image"].shape[1] for s in samples)
+    n = len(samples)
+    max_ins = max(len(s["crowd"]) for s in samples)
+    batch: dict[str, Any] = {
+        "key": [s["key"] for s in samples],
+        "image": torch.zeros(n, 3, height, width, dtype=torch.uint8),
+        "sem": torch.full((n, height, width), IGNORE, dtype=torch.uint8),
+        "ins": torch.zeros(n, height, width, dtype=torch.int32),
+        "dist": torch.zeros(n, height, width, dtype=torch.int32),
+        "size": torch.tensor([s["image"].shape[:2] for s in samples], dtype=torch.long),
+        "crowd": torch.zeros(n, max_ins, dtype=torch.bool),
+    }
+    depth_key = next((k for k in ("depth", "disp") if k in samples[0]), None)
+    if depth_key:
+        batch[depth_key] = torch.zeros(n, height, width, dtype=torch.float32)
+        batch["depth_valid"] = torch.zeros(n, height, width, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        h, w = s["image"].shape[:2]
+        batch["image"][i, :, :h, :w] = torch.from_numpy(s["image"]).permute(2, 0, 1)
+        for name in ("sem", "ins", "dist") + ((depth_key, "depth_valid") if depth_key else ()):
+            batch[name][i, :h, :w] = torch.from_numpy(s[name])
+        batch["crowd"][i, : len(s["crowd"])] = torch.from_numpy(s["crowd"])
+    return batch
+
+
+# -- the per-worker pipeline ----------------------------------------------------------------------------
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike hash())."""
+    return int.from_bytes(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).tobytes(), "little") >> 1
+
+
+def _resampled_shards(urls: list[str], rng: random.Random) -> Iterator[dict[str, str]]:
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def _disjoint_shards(urls: list[str], rank: int, world_size: int, worker: int, workers: int, rng: random.Random) -> Iterator[dict[str, str]]:
+    """split_by_node + split_by_worker, repeated forever in a freshly shuffled order each round."""
+    mine = urls[rank::world_size][worker::workers]
+    if not mine:
+        raise ValueError(
+            f"data.resampled = false needs at least world size × workers = {world_size * workers} shards, got {len(urls)}"
+        )
+    while True:
+        order = list(mine)
+        rng.shuffle(order)
+        yield from ({"url": u} for u in order)
+
+
+def batches_consumed_by_worker(consumed: int, worker: int, workers: int) -> int:
+    """The DataLoader takes batch i from worker i mod workers: how many of the first `consumed` were worker's."""
+    return max(0, -(-(consumed - worker) // workers))
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Endless stream of collated batches; each worker yields `batches_per_worker` per epoch."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, seed: int, batches_per_worker: int) -> None:
+        super().__init__()
+        self.urls, self.cfg, self.rank, self.world_size, self.seed = urls, cfg, rank, world_size, seed
+        self.batches_per_worker = batches_per_worker
+        self.epoch = 0
+        self.skip_batches = 0  # batches of this epoch already consumed (resume), over all workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        physical, workers = (info.id, info.num_workers) if info else (0, 1)
+        # A fresh DataLoader asks worker 0 first; after `skip_batches` the next batch belongs to logical
+        # worker skip_batches mod workers, so physical worker p plays logical worker (p + skip) mod workers.
+        worker = (physical + self.skip_batches) % workers
+        skip = batches_consumed_by_worker(self.skip_batches, worker, workers)
+        if skip >= self.batches_per_worker:
+            return
+        cv2.setNumThreads(1)  # one decode per worker process; no thread pool fighting the trainer
+        base = [self.seed, self.rank, worker, self.epoch]
+        shard_rng, shuffle_rng = random.Random(mix_seed(*base, 1)), random.Random(mix_seed(*base, 2))
+        if self.cfg.resampled:
+            source = _resampled_shards(self.urls, shard_rng)
+        else:
+            source = _disjoint_shards(self.urls, self.rank, self.world_size, worker, workers, shard_rng)
+        cfg = self.cfg
+        pipeline = wds.DataPipeline(
+            lambda: source,
+            wds.tarfile_to_samples(),
+            wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_initial, cfg.shuffle_buffer), rng=shuffle_rng),
+            # resume: drop the raw samples of batches already trained on, before paying for their decode
+            lambda samples: itertools.islice(samples, skip * cfg.micro_batch, None),
+            wds.map(lambda raw: decode_sample(raw, cfg.depth)),
+            wds.batched(cfg.micro_batch, collation_fn=collate, partial=False),
+        ).with_epoch(nbatches=self.batches_per_worker - skip)
+        yield from pipeline
+
+
+class BatchStream:
+    """The trainer's view: `next(stream)` gives CPU batches forever, tracking (epoch, batch in epoch)."""
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False) -> None:
+        self.cfg = cfg
+        self.urls = resolve_shards(cfg.shards)
+        self.epoch_size = cfg.epoch_size or count_samples(self.urls)
+        workers = max(cfg.num_workers, 1)
+        if not cfg.resampled and len(self.urls) < world_size * workers:
+            raise ValueError(
+                f"data.resampled = false needs at least world size × workers = {world_size * workers} shards, "
+                f"got {len(self.urls)} in {cfg.shards}"
+            )
+        per_rank = max(1, self.epoch_size // (cfg.micro_batch * world_size))
+        per_worker = -(-per_rank // workers)
+        self.batches_per_epoch = per_worker * workers
+        self.dataset = ShardStream(self.urls, cfg, rank, world_size, seed, per_worker)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=False,  # workers re-read `epoch` and `skip_batches` at each new iterator
+            prefetch_factor=2 if cfg.num_workers else None,
+        )
+        self.epoch, self.index = 0, 0
+        self._iterator: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self.dataset.epoch, self.dataset.skip_batches = self.epoch, self.index
+            self._iterator = iter(self.loader)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+            return next(self)
+        self.index += 1
+        if self.index >= self.batches_per_epoch:  # start the next epoch's workers on the next call
+            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index, self._iterator = int(state["epoch"]), int(state["index"]), None
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
