@@ -24,7 +24,7 @@ from prep.readers.base import (
     make_key,
     sha256_hex,
 )
-from prep.readers.image_header import image_info
+from prep.readers.files import SampleProblem, guarded_load, read_bytes, read_image
 from prep.targets import UNLISTED, segment_index_map
 
 
@@ -121,25 +121,16 @@ class CocoPanopticReader:
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self, ref: SampleRef) -> Sample | SampleError:
-        try:
-            return self._load(ref)
-        except SampleProblem as exc:
-            return SampleError(ref.key, ref.dataset, exc.path or ref.image_path, str(exc))
+        return guarded_load(ref, self._load)
 
     def _load(self, ref: SampleRef) -> Sample:
-        if ref.problem:
-            raise SampleProblem(ref.problem, ref.label_path or ref.image_path)
-        image_bytes = _read(ref.image_path, "image")
-        try:
-            h, w, ext = image_info(image_bytes)
-        except ValueError as exc:
-            raise SampleProblem(str(exc), ref.image_path) from None
+        image_bytes, h, w, ext = read_image(ref.image_path)
         exp_h, exp_w = ref.meta.get("height"), ref.meta.get("width")
         if exp_h is not None and exp_w is not None and (int(exp_h), int(exp_w)) != (h, w):
             raise SampleProblem(f"image is {h}x{w} but the JSON says {exp_h}x{exp_w}", ref.image_path)
         if ref.label_path is None:
             raise SampleProblem("no panoptic label", ref.image_path)
-        label_bytes = _read(ref.label_path, "panoptic PNG")
+        label_bytes = read_bytes(ref.label_path, "panoptic PNG")
         try:
             pan_ids = decode_panoptic_png(label_bytes, Path(ref.label_path).name)
         except ValueError as exc:
@@ -190,25 +181,8 @@ class CocoPanopticReader:
     def _load_depth(self, ref: SampleRef, h: int, w: int) -> tuple[np.ndarray | None, str]:
         if not ref.depth_path:
             return None, ""
-        data = _read(ref.depth_path, "depth PNG")
+        data = read_bytes(ref.depth_path, "depth PNG")
         return decode_depth_png_mm(data, ref.depth_path, h, w), sha256_hex(data)
-
-
-class SampleProblem(Exception):
-    """A bad input found while loading one sample; becomes a SampleError."""
-
-    def __init__(self, reason: str, path: str | None = None) -> None:
-        super().__init__(reason)
-        self.path = path
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SampleProblem(f"{what} file missing", path) from None
-    except OSError as exc:
-        raise SampleProblem(f"cannot read {what}: {exc.strerror or exc}", path) from None
 
 
 def decode_depth_png_mm(data: bytes, path: str, h: int, w: int) -> np.ndarray:

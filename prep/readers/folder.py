@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prep.readers.base import Category, Sample, SampleError, SampleRef, make_key, sha256_hex
-from prep.readers.coco import SampleProblem, _read
-from prep.readers.image_header import image_info
+from prep.readers.files import guarded_load, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -35,14 +34,8 @@ class ImageFolderReader:
         return refs
 
     def load(self, ref: SampleRef) -> Sample | SampleError:
-        try:
-            if ref.problem:
-                raise SampleProblem(ref.problem, ref.image_path)
-            data = _read(ref.image_path, "image")
-            try:
-                h, w, ext = image_info(data)
-            except ValueError as exc:
-                raise SampleProblem(str(exc), ref.image_path) from None
-        except SampleProblem as exc:
-            return SampleError(ref.key, ref.dataset, exc.path or ref.image_path, str(exc))
+        return guarded_load(ref, self._load)
+
+    def _load(self, ref: SampleRef) -> Sample:
+        data, h, w, ext = read_image(ref.image_path)
         return Sample(ref.key, ref.dataset, data, ext, h, w, None, [], None, ref.image_path, sha256_hex(data), "", "")

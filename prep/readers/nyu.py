@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from prep.readers.base import Category, Sample, SampleError, SampleRef, make_key, sha256_hex
-from prep.readers.coco import SampleProblem, _read, decode_depth_png_mm
-from prep.readers.image_header import image_info
+from prep.readers.coco import decode_depth_png_mm
+from prep.readers.files import guarded_load, read_bytes, read_image
 
 NYU_MAX_DEPTH_M = 10.0
 
@@ -69,19 +69,13 @@ class NyuBtsReader:
         return refs
 
     def load(self, ref: SampleRef) -> Sample | SampleError:
-        try:
-            if ref.problem:
-                raise SampleProblem(ref.problem, ref.image_path)
-            image_bytes = _read(ref.image_path, "image")
-            try:
-                h, w, ext = image_info(image_bytes)
-            except ValueError as exc:
-                raise SampleProblem(str(exc), ref.image_path) from None
-            assert ref.depth_path is not None
-            depth_bytes = _read(ref.depth_path, "depth PNG")
-            depth = decode_depth_png_mm(depth_bytes, ref.depth_path, h, w)
-        except SampleProblem as exc:
-            return SampleError(ref.key, ref.dataset, exc.path or ref.image_path, str(exc))
+        return guarded_load(ref, self._load)
+
+    def _load(self, ref: SampleRef) -> Sample:
+        image_bytes, h, w, ext = read_image(ref.image_path)
+        assert ref.depth_path is not None  # refs without depth carry a problem
+        depth_bytes = read_bytes(ref.depth_path, "depth PNG")
+        depth = decode_depth_png_mm(depth_bytes, ref.depth_path, h, w)
         return Sample(ref.key, ref.dataset, image_bytes, ext, h, w, None, [], depth, ref.image_path,
                       sha256_hex(image_bytes), "", sha256_hex(depth_bytes))
 
