@@ -7,13 +7,29 @@ Per image, on valid pixels (ground truth in (min_depth, max_depth], inside the e
 then averaged over images (the convention of BTS, AdaBins, Depth Anything). Predictions are clipped
 to [min_depth, max_depth] first. The NYUv2 eval crop is the Eigen crop of the 480×640 frames:
 rows 45..470, columns 41..600 (inclusive), scaled to other resolutions.
+
+    python eval/depth.py --gt-dir data/depth_val --pred-dir predictions/depth_val --out report/ [--no-eigen-crop --max-depth 60]
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    import sys
+    from pathlib import Path
 
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
 import numpy as np
+from tqdm import tqdm
+
+from genpan.atomic import atomic_write_text
 
 NYU_MIN_DEPTH = 1e-3
 NYU_MAX_DEPTH = 10.0
@@ -96,3 +112,67 @@ def depth_table_markdown(m: DepthMetrics) -> str:
         f"{m.delta1:.4f} | {m.delta2:.4f} | {m.delta3:.4f} | {m.num_images} |"
     )
     return "\n".join([head, sep, row])
+
+
+def evaluate_folders(
+    gt_dir: Path,
+    pred_dir: Path,
+    min_depth: float = NYU_MIN_DEPTH,
+    max_depth: float = NYU_MAX_DEPTH,
+    eigen_crop: bool = True,
+) -> tuple[DepthMetrics | None, int]:
+    """Score every ground-truth depth PNG (uint16 mm) against the prediction PNG of the same name.
+
+    Returns the mean metrics and the number of images scored; a missing or mis-sized prediction is a
+    ValueError naming the file.
+    """
+    gt_files = sorted(Path(gt_dir).glob("*.png"))
+    if not gt_files:
+        raise FileNotFoundError(f"no ground-truth depth PNGs in {gt_dir}")
+    per_image = []
+    for gt_path in tqdm(gt_files, desc="depth", unit="img"):
+        pred_path = Path(pred_dir) / gt_path.name
+        if not pred_path.is_file():
+            raise ValueError(f"{gt_path.name}: no prediction in {pred_dir}")
+        gt, pred = _read_mm(gt_path), _read_mm(pred_path)
+        if gt.shape != pred.shape:
+            raise ValueError(f"{gt_path.name}: prediction is {pred.shape} but ground truth is {gt.shape}")
+        per_image.append(image_depth_metrics(pred, gt, min_depth, max_depth, eigen_crop))
+    return mean_depth_metrics(per_image), len(gt_files)
+
+
+def _read_mm(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None or img.ndim != 2 or img.dtype != np.uint16:
+        raise ValueError(f"{path}: depth PNG must be single-channel 16-bit (mm)")
+    return img.astype(np.float64) / 1000.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Depth metrics (AbsRel, RMSE, log10, δ) of predicted depth PNGs (uint16 mm) against ground truth.")
+    parser.add_argument("--gt-dir", type=Path, required=True, help="ground-truth depth PNGs, uint16 millimetres")
+    parser.add_argument("--pred-dir", type=Path, required=True, help="predicted depth PNGs with the same file names (eval/predict.py writes depth_{split}/)")
+    parser.add_argument("--out", type=Path, default=None, help="write depth.json and depth.md here")
+    parser.add_argument("--min-depth", type=float, default=NYU_MIN_DEPTH, help="valid ground truth is above this (m; default 1e-3)")
+    parser.add_argument("--max-depth", type=float, default=NYU_MAX_DEPTH, help="valid ground truth is at most this; predictions are clipped to it (m; default 10)")
+    parser.add_argument("--no-eigen-crop", action="store_true", help="score the whole image (the Eigen crop is for NYUv2's 480×640 frames)")
+    args = parser.parse_args(argv)
+    try:
+        metrics, n = evaluate_folders(args.gt_dir, args.pred_dir, args.min_depth, args.max_depth, not args.no_eigen_crop)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if metrics is None:
+        print(f"error: none of the {n} ground-truth images has a valid depth in ({args.min_depth}, {args.max_depth}] m", file=sys.stderr)
+        return 2
+    table = depth_table_markdown(metrics)
+    print(table)
+    if args.out is not None:
+        atomic_write_text(args.out / "depth.json", json.dumps(metrics.as_dict(), indent=2))
+        atomic_write_text(args.out / "depth.md", "## Depth\n\n" + table + "\n")
+        print(f"wrote {args.out / 'depth.json'} and depth.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -65,3 +65,25 @@ def test_eigen_crop() -> None:
     assert image_depth_metrics(np.zeros((2, 2)), np.zeros((2, 2))) is None
     with pytest.raises(ValueError, match="differ in shape"):
         image_depth_metrics(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_cli_on_folders(tmp_path) -> None:
+    import cv2
+
+    from eval.depth import main
+
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir()
+    pred.mkdir()
+    g = np.full((8, 10), 2000, np.uint16)
+    cv2.imwrite(str(gt / "a.png"), g)
+    cv2.imwrite(str(pred / "a.png"), (g * 1.1).astype(np.uint16))
+    assert main(["--gt-dir", str(gt), "--pred-dir", str(pred), "--no-eigen-crop", "--out", str(tmp_path / "r")]) == 0
+    import json
+
+    m = json.loads((tmp_path / "r" / "depth.json").read_text())
+    assert m["abs_rel"] == pytest.approx(0.1) and m["num_images"] == 1
+    cv2.imwrite(str(gt / "b.png"), g)
+    assert main(["--gt-dir", str(gt), "--pred-dir", str(pred)]) == 2  # b.png has no prediction
+    cv2.imwrite(str(pred / "b.png"), np.zeros((8, 10, 3), np.uint8))
+    assert main(["--gt-dir", str(gt), "--pred-dir", str(pred)]) == 2  # not 16-bit
