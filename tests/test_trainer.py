@@ -118,3 +118,18 @@ def test_existing_checkpoints_need_resume(two_image_shards, tmp_path, capsys):
 def test_shipped_configs_load(name):
     cfg = load_train_config(f"train/configs/{name}.toml")
     assert all(s % 14 == 0 for s in cfg.data.size)
+
+
+def test_final_checkpoint_records_the_category_table_and_checks_num_classes(two_image_shards, tmp_path) -> None:
+    """predict.py reads the categories from final.pt; a head size that disagrees with the shards is an error."""
+    from train.data import shard_categories
+    from train.main import main
+
+    table = shard_categories(sorted(str(p) for p in two_image_shards.glob("*.tar")))
+    assert table and all(len(row) == 4 for row in table)
+    out = tmp_path / "run"
+    args = ["--config", TINY, *tiny_overrides(two_image_shards, out, steps=1)]
+    assert main(args) == 0
+    final = torch.load(out / FINAL_NAME, weights_only=True)
+    assert final["categories"] == table
+    assert main([*args, f"--run.out={tmp_path / 'bad'}", "--model.num_classes=5"]) == 2

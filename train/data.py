@@ -119,6 +119,20 @@ def count_samples(urls: list[str]) -> int:
     return total
 
 
+def shard_categories(urls: list[str]) -> list[list[Any]]:
+    """The category table `[[id, name, isthing, train_id], ...]` stored in the first sample's json.
+
+    Every sample of a shard set carries the same table (it is part of the prep parameter digest), so the
+    first one speaks for all; [] when the shards hold none (e.g. depth-only NYUv2).
+    """
+    with tarfile.open(urls[0]) as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                data = json.loads(tar.extractfile(member).read())
+                return [list(c) for c in data.get("categories", [])]
+    return []
+
+
 # -- decoding (in the DataLoader workers) ---------------------------------------------------------------
 def _png(data: bytes, what: str, key: str) -> np.ndarray:
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -37,7 +37,7 @@ from train.checkpoint import (
     serialise,
 )
 from train.config import TrainConfig
-from train.data import BatchStream, mix_seed, to_device
+from train.data import BatchStream, mix_seed, resolve_shards, shard_categories, to_device
 from train.losses import compute_losses
 from train.model import build_model, param_groups_layer_decay
 from train.schedule import WarmupCosine, build_scheduler
@@ -45,6 +45,16 @@ from train.schedule import WarmupCosine, build_scheduler
 METRICS_NAME = "metrics.jsonl"
 FINAL_NAME = "final.pt"
 RESOLVED_NAME = "config.resolved.toml"
+
+
+def check_num_classes(categories: list[list[Any]], cfg: TrainConfig) -> None:
+    """The semantic head must have one logit per train id of the shards' category table."""
+    train_ids = {int(c[3]) for c in categories if int(c[3]) != 255}
+    if "sem" in cfg.tasks and train_ids and len(train_ids) != cfg.model.num_classes:
+        raise ValueError(
+            f"model.num_classes = {cfg.model.num_classes} but the shards' category table has {len(train_ids)} train ids; "
+            f"set --model.num_classes={len(train_ids)}"
+        )
 
 
 @dataclass
@@ -177,6 +187,8 @@ class Trainer:
         self.stream = BatchStream(cfg.data, self.dist.rank, self.dist.world_size, run.seed, pin_memory=self.device.type == "cuda")
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         self.total_steps, warmup = schedule_lengths(cfg, self.stream.epoch_size)
+        self.categories = shard_categories(resolve_shards(cfg.data.shards))
+        check_num_classes(self.categories, cfg)
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
@@ -367,7 +379,7 @@ class Trainer:
         self.save()
         model_state, _ = self._full_state()
         if self.is_main:
-            payload = {"model": model_state, "config": json.dumps(to_dict(self.cfg)), "step": self.step}
+            payload = {"model": model_state, "config": json.dumps(to_dict(self.cfg)), "step": self.step, "categories": self.categories}
             atomic_write_bytes(self.out / FINAL_NAME, serialise(payload))
             self.log(f"done: {self.step} steps; weights in {self.out / FINAL_NAME}")
         if self.cfg.run.save_rank_weights and not self.cfg.run.fsdp:  # FSDP ranks hold shards, not weights
