@@ -93,6 +93,18 @@ def image_depth_metrics(
     )
 
 
+def disparity_to_aligned_depth(pred_disp: np.ndarray, gt_depth: np.ndarray, valid: np.ndarray, max_depth: float) -> np.ndarray:
+    """Relative-depth protocol (MiDaS, Depth Anything): fit scale s and shift t by least squares so that
+    s·pred + t matches the ground-truth disparity 1/gt on valid pixels, then return depth 1/(s·pred + t)
+    (clipped to [1/max_depth, ∞) in disparity, i.e. at most max_depth)."""
+    p = pred_disp[valid].astype(np.float64)
+    g = 1.0 / gt_depth[valid].astype(np.float64)
+    a = np.stack([p, np.ones_like(p)], axis=1)
+    (s, t), *_ = np.linalg.lstsq(a, g, rcond=None)
+    aligned = s * pred_disp.astype(np.float64) + t
+    return 1.0 / np.maximum(aligned, 1.0 / max_depth)
+
+
 def mean_depth_metrics(per_image: list[DepthMetrics | None]) -> DepthMetrics | None:
     """Average over the images that had valid pixels."""
     kept = [m for m in per_image if m is not None]
@@ -120,9 +132,13 @@ def evaluate_folders(
     min_depth: float = NYU_MIN_DEPTH,
     max_depth: float = NYU_MAX_DEPTH,
     eigen_crop: bool = True,
+    disparity_scale_m: float | None = None,
 ) -> tuple[DepthMetrics | None, int]:
     """Score every ground-truth depth PNG (uint16 mm) against the prediction PNG of the same name.
 
+    With `disparity_scale_m`, predictions are relative disparity (a model trained on disparity pseudo-labels:
+    the PNG holds disparity × disparity_scale_m in mm, as eval/predict.py writes a sigmoid output with
+    --depth-max): each image is scale-and-shift aligned in disparity space before the metrics.
     Returns the mean metrics and the number of images scored; a missing or mis-sized prediction is a
     ValueError naming the file.
     """
@@ -137,6 +153,12 @@ def evaluate_folders(
         gt, pred = _read_mm(gt_path), _read_mm(pred_path)
         if gt.shape != pred.shape:
             raise ValueError(f"{gt_path.name}: prediction is {pred.shape} but ground truth is {gt.shape}")
+        if disparity_scale_m is not None:
+            valid = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+            if valid.sum() < 2:
+                per_image.append(None)
+                continue
+            pred = disparity_to_aligned_depth(pred / disparity_scale_m, gt, valid, max_depth)
         per_image.append(image_depth_metrics(pred, gt, min_depth, max_depth, eigen_crop))
     return mean_depth_metrics(per_image), len(gt_files)
 
@@ -156,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-depth", type=float, default=NYU_MIN_DEPTH, help="valid ground truth is above this (m; default 1e-3)")
     parser.add_argument("--max-depth", type=float, default=NYU_MAX_DEPTH, help="valid ground truth is at most this; predictions are clipped to it (m; default 10)")
     parser.add_argument("--no-eigen-crop", action="store_true", help="score the whole image (the Eigen crop is for NYUv2's 480×640 frames)")
+    parser.add_argument("--disparity", type=float, default=None, metavar="DEPTH_MAX",
+                        help="predictions are relative disparity written with predict.py --depth-max DEPTH_MAX: align "
+                        "scale and shift per image in disparity space first (MiDaS / Depth Anything protocol)")
     args = parser.parse_args(argv)
     try:
-        metrics, n = evaluate_folders(args.gt_dir, args.pred_dir, args.min_depth, args.max_depth, not args.no_eigen_crop)
+        metrics, n = evaluate_folders(args.gt_dir, args.pred_dir, args.min_depth, args.max_depth, not args.no_eigen_crop, args.disparity)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

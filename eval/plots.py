@@ -65,3 +65,26 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_loss_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Every loss term of a training log (metrics.jsonl records) against the step, log scale."""
+    terms = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in NOT_LOSSES})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records]
+    for term in terms:
+        values = [r.get(term) for r in records]
+        pts = [(s, v) for s, v in zip(steps, values) if isinstance(v, (int, float)) and v > 0]
+        if pts:
+            ax.plot(*zip(*pts), label=term, lw=2.0 if term == "total" else 1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training losses")
+    if terms:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+NOT_LOSSES = {"step", "lr", "images_per_s", "epoch", "time", "seconds", "grad_norm"}

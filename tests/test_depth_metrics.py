@@ -87,3 +87,14 @@ def test_cli_on_folders(tmp_path) -> None:
     assert main(["--gt-dir", str(gt), "--pred-dir", str(pred)]) == 2  # b.png has no prediction
     cv2.imwrite(str(pred / "b.png"), np.zeros((8, 10, 3), np.uint8))
     assert main(["--gt-dir", str(gt), "--pred-dir", str(pred)]) == 2  # not 16-bit
+
+
+def test_disparity_alignment_recovers_depth_up_to_scale_and_shift() -> None:
+    from eval.depth import disparity_to_aligned_depth
+
+    rng = np.random.default_rng(1)
+    gt = rng.uniform(1.0, 8.0, (6, 9))
+    disp = 1.0 / gt
+    pred = 0.37 * disp + 0.05  # any positive affine map of the true disparity
+    valid = np.ones_like(gt, bool)
+    np.testing.assert_allclose(disparity_to_aligned_depth(pred, gt, valid, 10.0), gt, rtol=1e-9)
