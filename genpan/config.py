@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
@@ -37,6 +38,16 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         key, value = parse_override(item)
         _set_path(values, key.split("."), value)
     return from_dict(schema, values, where=str(path) if path else "config")
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's own options, plus the `--section.key=value` config overrides left over; anything
+    else is a usage error naming the argument."""
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised argument(s) {bad}; config overrides look like --section.key=value")
+    return args, rest
 
 
 def parse_override(item: str) -> tuple[str, Any]:

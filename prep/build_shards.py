@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from genpan.atomic import atomic_write_text
-from genpan.config import ConfigError, dump_toml, load_config, to_dict
+from genpan.config import ConfigError, dump_toml, load_config, parse_args_with_overrides, to_dict
 from prep.manifest import (
     HASH_CACHE_NAME,
     MANIFEST_NAME,
@@ -567,11 +567,7 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     )
     parser.add_argument("--config", type=Path, help="TOML config (e.g. prep/configs/synthetic.toml); overrides follow as --a.b=value")
     parser.add_argument("--dry-run", action="store_true", help="plan and report what would be rebuilt; write nothing")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        parser.error(f"unrecognised argument(s) {bad}; config overrides look like --section.key=value")
-    return args, rest
+    return parse_args_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

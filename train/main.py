@@ -36,7 +36,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from genpan.config import ConfigError
+from genpan.config import ConfigError, parse_args_with_overrides
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -54,11 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         "optimizer and schedule start fresh")
     parser.add_argument("--backbone-weights", type=Path, default=None,
                         help="official DINOv2 checkpoint (dinov2_vit*14[_reg4]_pretrain.pth) loaded into the encoder")
-    args, rest = parser.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        parser.error(f"unrecognised argument(s) {bad}; config overrides look like --section.key=value")
-    return args, rest
+    return parse_args_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
