@@ -169,6 +169,8 @@ def _score_task(task: _ImageTask) -> ImageStats:
         pred_ids = read_panoptic_png(task.pred_png)
     except FileNotFoundError as exc:
         raise PQInputError(f"{task.name}: PNG not found: {exc.filename}") from None
+    except OSError as exc:
+        raise PQInputError(f"{task.name}: cannot read {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
         raise PQInputError(str(exc)) from None
     return pq_image(gt_ids, task.gt_segments, pred_ids, task.pred_segments, _worker_categories, task.name)
@@ -176,9 +178,17 @@ def _score_task(task: _ImageTask) -> ImageStats:
 
 def _annotations(data: Mapping[str, Any], path: Path) -> dict[Any, dict[str, Any]]:
     by_image: dict[Any, dict[str, Any]] = {}
+    if not isinstance(data["annotations"], list):
+        raise PQInputError(f"{path}: 'annotations' must be a list, got {type(data['annotations']).__name__}")
     for ann in data["annotations"]:
         if not isinstance(ann, dict) or not {"image_id", "file_name", "segments_info"} <= ann.keys():
             raise PQInputError(f"{path}: every annotation needs image_id, file_name and segments_info")
+        if not isinstance(ann["image_id"], (int, str)) or isinstance(ann["image_id"], bool):
+            raise PQInputError(f"{path}: image_id must be an integer or a string, got {ann['image_id']!r}")
+        if not isinstance(ann["segments_info"], list):
+            raise PQInputError(f"{path}: segments_info of image {ann['image_id']!r} must be a list")
+        if not isinstance(ann["file_name"], str) or not ann["file_name"] or Path(ann["file_name"]).name != ann["file_name"]:
+            raise PQInputError(f"{path}: file_name of image {ann['image_id']!r} must be a plain file name, got {ann['file_name']!r}")
         if ann["image_id"] in by_image:
             raise PQInputError(f"{path}: image {ann['image_id']!r} has more than one annotation")
         by_image[ann["image_id"]] = ann

@@ -48,12 +48,15 @@ class CategoryTable:
     @classmethod
     def from_coco(cls, categories: Iterable[Mapping[str, Any]], source: str = "GT JSON") -> CategoryTable:
         ids, names, isthing = [], [], []
+        if not isinstance(categories, Sequence) or isinstance(categories, str):
+            raise PQInputError(f"{source}: 'categories' must be a list, got {type(categories).__name__}")
         for cat in categories:
-            if "id" not in cat or "isthing" not in cat:
-                raise PQInputError(f"{source}: every category needs 'id' and 'isthing' (got {dict(cat)})")
-            ids.append(int(cat["id"]))
-            names.append(str(cat.get("name", cat["id"])))
-            isthing.append(int(cat["isthing"]) == 1)  # the reference's test: isthing == 1
+            try:
+                ids.append(int(cat["id"]))
+                names.append(str(cat.get("name", cat["id"])))
+                isthing.append(int(cat["isthing"]) == 1)  # the reference's test: isthing == 1
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+                raise PQInputError(f"{source}: every category needs integer 'id' and 'isthing' (got {cat!r})") from None
         if len(set(ids)) != len(ids):
             raise PQInputError(f"{source}: duplicate category ids")
         if not ids:
@@ -93,19 +96,22 @@ def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, 
     cat = np.empty(len(segments), np.int64)
     crowd = np.zeros(len(segments), bool)
     json_area = np.full(len(segments), -1, np.int64)
+    if not isinstance(segments, Sequence) or isinstance(segments, str):
+        raise PQInputError(f"{where}: segments_info must be a list, got {type(segments).__name__}")
     for k, seg in enumerate(segments):
         try:
             seg_id, cat_id = int(seg["id"]), int(seg["category_id"])
-        except (KeyError, TypeError, ValueError):
-            raise PQInputError(f"{where}: every segment needs integer 'id' and 'category_id' (got {seg})") from None
+            crowd[k] = int(seg.get("iscrowd", 0)) == 1
+            if "area" in seg:
+                json_area[k] = int(seg["area"])
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+            raise PQInputError(f"{where}: every segment needs integer 'id' and 'category_id' (and integer "
+                               f"'iscrowd'/'area' if given); got {seg!r}") from None
         if not 0 < seg_id <= MAX_SEGMENT_ID:
             raise PQInputError(f"{where}: segment id {seg_id} outside [1, {MAX_SEGMENT_ID}] (0 is void)")
         if cat_id not in cat_index:
             raise PQInputError(f"{where}: segment {seg_id} has unknown category_id {cat_id}")
         ids[k], cat[k] = seg_id, cat_index[cat_id]
-        crowd[k] = int(seg.get("iscrowd", 0)) == 1
-        if "area" in seg:
-            json_area[k] = int(seg["area"])
     if len(np.unique(ids)) != len(ids):
         dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})
         raise PQInputError(f"{where}: duplicate segment ids {dup} in the JSON")

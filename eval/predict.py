@@ -212,6 +212,7 @@ def folder_source(root: Path) -> Source:
 
 
 def shard_source(spec: str) -> Source:
+    from prep.shards import check_sample_key
     from train.data import resolve_shards
 
     items, categories = [], []
@@ -219,6 +220,7 @@ def shard_source(spec: str) -> Source:
         with tarfile.open(url) as tar:
             for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
                 key, _, ext = member.name.partition(".")
+                check_sample_key(key, f"{url} member {member.name!r}")
                 if ext == "json" and not categories:  # every sample carries the shard set's category table
                     categories = normalise_categories(json.loads(tar.extractfile(member).read()).get("categories") or [], url)
                 if ext in ("jpg", "png"):

@@ -453,10 +453,16 @@ def _count(report: RunReport, manifest: Manifest | None) -> None:
 
 
 def _remove_temporaries(out: Path) -> None:
-    """Temp files of a killed run (we hold the lock, so no live writer owns them)."""
+    """Temp files of a killed run (we hold the lock, so no live writer owns them): ours at the top level,
+    and zarr's `*.partial` files inside a pseudo-label cache that lives in the output folder. (A cache
+    outside it may be shared by other runs, whose live writes must not be touched.)"""
     for path in out.glob(f".*{TMP_MARK}*"):
         if path.is_file():
             path.unlink(missing_ok=True)
+    for cache in out.glob("*.zarr"):
+        for path in cache.rglob("*.partial"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _teacher_stage(cfg: PrepConfig, plan: Plan, reader: Reader, identity: str, hash_cache: FileHashCache,

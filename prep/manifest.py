@@ -81,10 +81,18 @@ SCHEMA = pa.schema(
 )
 
 
+def _utf8(value: Any) -> Any:
+    """Parquet strings are UTF-8: a file name that is not (kept by Python as surrogate escapes) is stored
+    with its undecodable bytes written as \\xNN, so one odd name never fails the whole manifest."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def manifest_table(manifest: Manifest) -> pa.Table:
     rows: list[dict[str, Any]] = [{"kind": "shard", **asdict(s)} for s in sorted(manifest.shards, key=lambda s: s.shard)]
     rows += [{"kind": "sample", **asdict(s)} for s in sorted(manifest.samples, key=lambda s: s.key)]
-    columns = {name: [r.get(name) for r in rows] for name in SCHEMA.names}
+    columns = {name: [_utf8(r.get(name)) for r in rows] for name in SCHEMA.names}
     meta = {b"genpan": json.dumps(manifest.meta, sort_keys=True).encode()}
     return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(meta))
 

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -253,6 +254,17 @@ def assign_shards(keys: Iterable[str], samples_per_shard: int, prefix: str = "sh
             close()
     close()
     return shards
+
+
+_SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_sample_key(key: str, where: str) -> str:
+    """Reading shards: a member's key must be a plain sample key ([A-Za-z0-9_-], as prep writes them), so
+    a hostile tar with an absolute or `..` member name can never name a file outside an output folder."""
+    if not _SAMPLE_KEY.fullmatch(key or ""):
+        raise ValueError(f"{where}: tar member key {key!r} is not a plain sample key (absolute path, '..' or '/' refused)")
+    return key
 
 
 def check_name_part(name: str, what: str) -> str:

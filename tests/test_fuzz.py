@@ -15,7 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eval.pq import pq_compute
@@ -24,8 +24,6 @@ from prep.readers import Sample, SampleError
 from prep.readers.coco import CocoPanopticReader
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
-# Known-bug fuzzers (xfail): stop at the first failure, no shrinking (the minimal cases are the test_*_bug tests below).
-FUZZ_KNOWN_BUGS = settings(FUZZ, max_examples=100, phases=[Phase.generate], report_multiple_bugs=False)
 
 SEGMENT_IDS = st.sampled_from([0, 1, 2, 3, 7, 4242, 256**3 - 1])
 CATEGORY_IDS = st.sampled_from([1, 2, 5, 999])
@@ -119,9 +117,7 @@ def test_reader_on_well_typed_json_only_gives_samples_or_errors(case) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="prep/readers/coco.py: malformed JSON structure raises from refs()/load() "
-                   "(e.g. TypeError/ValueError/AttributeError) instead of a SampleError or a ValueError naming the file")
-@FUZZ_KNOWN_BUGS
+@FUZZ
 @given(case=coco_documents(malformed=True))
 def test_reader_on_malformed_json_only_gives_samples_or_errors(case) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,9 +154,7 @@ def test_pq_on_well_typed_json_gives_a_result_or_a_clear_error(gt, pred) -> None
     run_pq(gt, pred)
 
 
-@pytest.mark.xfail(strict=True, reason="eval/pq.py _annotations / eval/pq_match.py _parse_segments: a non-list "
-                   "'annotations' or 'segments_info', or an unhashable image_id, raises TypeError instead of PQInputError")
-@FUZZ_KNOWN_BUGS
+@FUZZ
 @given(gt=coco_documents(malformed=True), pred=coco_documents(malformed=True))
 def test_pq_on_malformed_json_gives_a_result_or_a_clear_error(gt, pred) -> None:
     run_pq(gt, pred)
@@ -196,11 +190,24 @@ READER_BUGS = {
 
 
 @pytest.mark.parametrize("case", [c for c in READER_BUGS if c != "height is a string"])
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError, AttributeError, OverflowError),
-                   reason="prep/readers/coco.py CocoPanopticReader.refs/_load/_validate_segments: int()/dict()/hash of a "
-                   "JSON value of the wrong type raises instead of a SampleError (load) or a ValueError naming the JSON (refs)")
-def test_reader_bug(tmp_path: Path, case: str) -> None:
-    _coco_case(tmp_path, READER_BUGS[case])
+def test_malformed_reader_json_gives_an_error_naming_the_json(tmp_path: Path, case: str) -> None:
+    """Found by the malformed-JSON fuzzer: each wrong JSON type ends as a SampleError (or, for a whole-file
+    problem, a ValueError) that names the JSON file — never a bare TypeError from int()/dict()/hash()."""
+    m = np.array([[1, 1], [0, 2]])
+    doc = {"images": [{"id": 1, "file_name": "im0.jpg", "height": 2, "width": 2}],
+           "annotations": [{"image_id": 1, "file_name": "im0.png", "segments_info": [
+               {"id": 1, "category_id": 1, "iscrowd": 0}, {"id": 2, "category_id": 2, "iscrowd": 0}]}],
+           "categories": [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 0}]}
+    READER_BUGS[case](doc)
+    path = write_coco(tmp_path, doc, [m], [(2, 2)])
+    try:
+        reader = CocoPanopticReader(path)
+        out = [reader.load(ref) for ref in reader.refs()]
+    except ValueError as exc:
+        assert "panoptic_x.json" in str(exc)
+        return
+    errors = [o for o in out if isinstance(o, SampleError)]
+    assert errors and all("panoptic_x.json" in f"{e.source_path} {e.reason}" for e in errors), out
 
 
 def test_reader_control_a_numeric_string_height_is_accepted(tmp_path: Path) -> None:
@@ -216,16 +223,14 @@ PQ_BUGS = {
 
 
 @pytest.mark.parametrize("case", list(PQ_BUGS))
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="eval/pq.py _annotations and eval/pq_match.py _parse_segments "
-                   "do not check the JSON types: TypeError instead of PQInputError naming the file")
-def test_pq_bug(tmp_path: Path, case: str) -> None:
+def test_malformed_pq_json_gives_an_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    """Found by the malformed-JSON fuzzer: a wrong JSON type is a PQInputError naming the file."""
     m = np.array([[1, 0]])
     good = {"images": [{"id": 1, "file_name": "im0.jpg"}], "categories": [{"id": 1, "name": "a", "isthing": 1}],
             "annotations": [{"image_id": 1, "file_name": "im0.png", "segments_info": [{"id": 1, "category_id": 1}]}]}
     bad = json.loads(json.dumps(good))
     PQ_BUGS[case](bad)
     gt, pred = pq_files(tmp_path, good, [m], "gt"), pq_files(tmp_path, bad, [m], "pred")
-    try:
+    with pytest.raises(ValueError) as info:
         pq_compute(gt, None, pred, None, progress=False)
-    except ValueError as exc:
-        assert "pred.json" in str(exc) or "im0.png" in str(exc)
+    assert "pred.json" in str(info.value) or "im0.png" in str(info.value)

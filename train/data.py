@@ -38,7 +38,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch import Tensor
 
-from prep.shards import DISP_SCALE
+from prep.shards import DISP_SCALE, check_sample_key
 from prep.targets import IGNORE
 
 DEPTH_TARGETS = ("none", "disp", "depth")
@@ -143,7 +143,7 @@ def _png(data: bytes, what: str, key: str) -> np.ndarray:
 
 def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
     """Raw tar members of one sample → numpy arrays: image (H, W, 3) RGB uint8, sem, ins, dist, crowd flags."""
-    key = raw["__key__"]
+    key = check_sample_key(raw["__key__"], f"shard {raw.get('__url__', '?')}")
     image_bytes = raw.get("jpg", raw.get("png"))
     if image_bytes is None:
         raise ValueError(f"sample {key}: no jpg or png image")

@@ -52,7 +52,13 @@ class CocoPanopticReader:
         self.image_dir = Path(image_dir) if image_dir else self.json_path.parent.parent / split
         self.depth_dir = Path(depth_dir) if depth_dir else None
         self.dataset = dataset or self.name
-        self.categories: list[Category] = self._make_categories(data["categories"])
+        for field in ("images", "annotations", "categories"):
+            if not isinstance(data.get(field, []), list):
+                raise ValueError(f"{self.json_path}: '{field}' must be a list, got {type(data.get(field)).__name__}")
+        cats = data["categories"]
+        if not all(isinstance(c, dict) and isinstance(c.get("id"), int) and not isinstance(c.get("id"), bool) for c in cats):
+            raise ValueError(f"{self.json_path}: every entry of 'categories' must be an object with an integer 'id'")
+        self.categories: list[Category] = self._make_categories(cats)
         self._cat_by_id = {c.id: c for c in self.categories}
         self._data = data
 
@@ -68,7 +74,13 @@ class CocoPanopticReader:
 
     # -- listing ----------------------------------------------------------------------------------
     def refs(self) -> list[SampleRef]:
-        images = self._data.get("images", [])
+        images, bad_refs = [], []
+        for i, image in enumerate(self._data.get("images") or []):
+            reason = _malformed_image(image)
+            if reason:
+                bad_refs.append(self._problem_ref(f"bad_image_{i}", f"images[{i}] of {self.json_path.name}: {reason}"))
+            else:
+                images.append(image)
         by_id: dict[Any, dict[str, Any]] = {}
         refs: list[SampleRef] = []
         duplicate_ids: set[Any] = set()
@@ -77,8 +89,12 @@ class CocoPanopticReader:
                 duplicate_ids.add(image.get("id"))
             by_id.setdefault(image.get("id"), image)
         annotations: dict[Any, dict[str, Any]] = {}
-        for ann in self._data["annotations"]:
-            annotations.setdefault(ann.get("image_id"), ann)
+        for i, ann in enumerate(self._data.get("annotations") or []):
+            reason = _malformed_annotation(ann)
+            if reason:
+                bad_refs.append(self._problem_ref(f"bad_annotation_{i}", f"annotations[{i}] of {self.json_path.name}: {reason}"))
+            else:
+                annotations.setdefault(ann.get("image_id"), ann)
         seen_keys: set[str] = set()
         for image in images:
             key = self._key(image)
@@ -117,11 +133,19 @@ class CocoPanopticReader:
                     problem=f"annotation for image id {image_id} has no entry in 'images' of {self.json_path.name}",
                 )
             )
-        return refs
+        return refs + bad_refs
+
+    def _problem_ref(self, key: str, problem: str) -> SampleRef:
+        return SampleRef(key=key, dataset=self.dataset, image_path=str(self.json_path), problem=problem)
 
     # -- loading ----------------------------------------------------------------------------------
     def load(self, ref: SampleRef) -> Sample | SampleError:
-        return guarded_load(ref, self._load)
+        try:
+            return guarded_load(ref, self._load)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+            # a JSON value of the wrong type (a string height, a null category_id, ...)
+            return SampleError(ref.key, ref.dataset, str(self.json_path),
+                               f"malformed annotation in {self.json_path.name}: {type(exc).__name__}: {exc}")
 
     def _load(self, ref: SampleRef) -> Sample:
         image_bytes, h, w, ext = read_image(ref.image_path)
@@ -202,3 +226,26 @@ def coco_layout(root: str | Path, split: str, with_depth: bool = False, dataset:
     root = Path(root)
     depth_dir = root / f"depth_{split}" if with_depth else None
     return CocoPanopticReader(root / "annotations" / f"panoptic_{split}.json", depth_dir=depth_dir, dataset=dataset)
+
+
+def _malformed_image(image: Any) -> str | None:
+    if not isinstance(image, dict):
+        return f"expected an object, got {type(image).__name__}"
+    if not isinstance(image.get("id"), (int, str)) or isinstance(image.get("id"), bool):
+        return "'id' must be an integer or a string"
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        return "'file_name' must be a non-empty string"
+    return None
+
+
+def _malformed_annotation(ann: Any) -> str | None:
+    if not isinstance(ann, dict):
+        return f"expected an object, got {type(ann).__name__}"
+    if not isinstance(ann.get("image_id"), (int, str)) or isinstance(ann.get("image_id"), bool):
+        return "'image_id' must be an integer or a string"
+    if not isinstance(ann.get("file_name"), str) or not ann["file_name"]:
+        return "'file_name' must be a non-empty string"
+    segments = ann.get("segments_info", [])
+    if not isinstance(segments, list) or not all(isinstance(seg, dict) for seg in segments):
+        return "'segments_info' must be a list of objects"
+    return None

@@ -87,11 +87,11 @@ def cache_files(out: Path) -> dict[str, bytes]:
     root = out / CACHE_DIR
     if not root.is_dir():
         return {}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".partial"}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def zarr_temp_files(out: Path) -> list[str]:
-    """zarr's own `*.partial` temp files left in the cache by a killed write (a known bug: never cleaned up)."""
+    """zarr's own `*.partial` temp files left in the cache by a killed write (a re-run removes them)."""
     return sorted(p.relative_to(out).as_posix() for p in (out / CACHE_DIR).rglob("*.partial"))
 
 
@@ -112,7 +112,7 @@ def manifest_content(out: Path) -> dict[str, object] | None:
 def differences(reference: Path, out: Path) -> list[str]:
     """Everything in `out` that differs from `reference`: missing, extra or changed files, manifest rows, strays.
 
-    zarr `*.partial` temp files are left out here and counted apart (`zarr_temp_files`): see the xfail test.
+    zarr `*.partial` temp files count too: a completed re-run must have removed them.
     """
     problems = []
     for what, ref, got in (("shard", shard_files(reference), shard_files(out)), ("cache file", cache_files(reference), cache_files(out))):
@@ -172,7 +172,7 @@ class SeriesReport:
     comparisons_equal: int = 0
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    zarr_temp_files: set[str] = field(default_factory=set)  # left over after completed runs (known bug)
+    zarr_temp_files: set[str] = field(default_factory=set)  # left over after completed runs (must stay empty)
 
     def by_point(self) -> dict[str, int]:
         return dict(sorted(Counter(k.split(":")[0] for k in self.kills).items()))
