@@ -172,3 +172,17 @@ def test_train_loader_rejects_a_hostile_member_key() -> None:
     for key in ("/tmp/genpan-evil/evil", "sub/../../evil", ""):
         with pytest.raises(ValueError, match="not a plain sample key"):
             decode_sample({"__key__": key, "__url__": "s-0.tar", "jpg": b"", "json": b"{}"})
+
+
+def test_trainer_cli_refuses_pickled_code_with_one_line(tmp_path: Path, capsys) -> None:
+    """`train/main.py --init-from evil.pt` ends with exit 2 and an `error:` line, not a traceback."""
+    from test_data import write_synthetic_shards
+    from train.main import main
+
+    marker = tmp_path / "ran"
+    evil = malicious_checkpoint(tmp_path / "evil" / "final.pt", marker)
+    shards = write_synthetic_shards(tmp_path / "shards", num_images=2, per_shard=2, min_size=56, max_size=56)
+    rc = main(["--config", "train/configs/tiny_cpu.toml", f"--data.shards={shards}", f"--run.out={tmp_path / 'run'}",
+               "--init-from", str(evil), "--run.threads=1", "--data.num_workers=0"])
+    assert rc == 2 and not marker.exists()
+    assert "error: refusing to load a checkpoint" in capsys.readouterr().err

@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             trainer.close()
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as exc:  # weights_only=True refused a file: not a plain tensor checkpoint
+        print(f"error: refusing to load a checkpoint that is not plain tensors and containers ({str(exc).splitlines()[0]})", file=sys.stderr)
         return 2
     return 0
 
