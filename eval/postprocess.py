@@ -353,6 +353,34 @@ def _paint(order: np.ndarray, masks: np.ndarray, counts: np.ndarray, cfg: Postpr
     return owner
 
 
+INST_ENCODINGS = ("pe", "rgb", "uvcls")
+
+
+def as_pe_embeddings(inst: np.ndarray, encoding: str = "pe", num_harmonics: int = 4, uv_bins: int = 80) -> np.ndarray:
+    """Any instance head's output (K, h, w) → the PE embeddings (4L, h, w) that `postprocess` decodes.
+
+    The appendix C baselines predict the centroid directly: "rgb" as (u01, v01, instance) with u01 = (u+1)/2,
+    "uvcls" as 2·uv_bins logits (u bins then v bins; a bin's centre stands for it). Their (u, v) is encoded
+    with γ, so all three encodings share one decode, one grouping and one NMS, as the ablation needs.
+    """
+    inst = np.asarray(inst, dtype=np.float32)
+    if encoding == "pe":
+        return inst
+    if encoding == "rgb":
+        if inst.shape[0] != 3:
+            raise ValueError(f"rgb instance output needs 3 channels, got {inst.shape[0]}")
+        u, v = 2.0 * inst[0] - 1.0, 2.0 * inst[1] - 1.0
+    elif encoding == "uvcls":
+        if inst.shape[0] != 2 * uv_bins:
+            raise ValueError(f"uvcls instance output needs {2 * uv_bins} channels, got {inst.shape[0]}")
+        centre = lambda logits: (logits.argmax(0).astype(np.float32) + 0.5) / uv_bins * 2.0 - 1.0  # noqa: E731
+        u, v = centre(inst[:uv_bins]), centre(inst[uv_bins:])
+    else:
+        raise ValueError(f"unknown instance encoding {encoding!r}; choose one of {INST_ENCODINGS}")
+    code = pe_target(np.clip(u, -1, 1), np.clip(v, -1, 1), np.ones(u.shape, bool), num_harmonics)
+    return np.ascontiguousarray(code.transpose(2, 0, 1).astype(np.float32))
+
+
 def ideal_outputs(
     pan_ids: np.ndarray,
     segments: Sequence[dict[str, Any]],

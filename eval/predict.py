@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.postprocess import PostprocessConfig, decode_embeddings, grid_centres, postprocess
+from eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess
 from genpan.atomic import atomic_write_bytes, atomic_write_text
 from genpan.coco_panoptic import encode_panoptic_png, load_panoptic_json
 from genpan.config import from_dict, load_config, to_dict
@@ -74,6 +74,9 @@ class InferenceMeta:
     categories: list[dict[str, Any]]  # id, name, isthing, train_id (contiguous 0..C-1)
     input_size: int  # short side of the training crop, px
     source: str = ""
+    inst_encoding: str = "pe"  # how the instance head encodes centroids (the loss config's inst_encoding)
+    num_harmonics: int = 4
+    uv_bins: int = 80
 
     @property
     def train_to_category(self) -> list[int]:
@@ -85,13 +88,15 @@ class InferenceMeta:
         return {int(c["train_id"]) for c in self.categories if c["isthing"] and 0 <= int(c["train_id"]) < 255}
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": to_dict(self.model), "categories": self.categories, "input_size": self.input_size, "source": self.source}
+        return {"model": to_dict(self.model), "categories": self.categories, "input_size": self.input_size, "source": self.source,
+                "inst_encoding": self.inst_encoding, "num_harmonics": self.num_harmonics, "uv_bins": self.uv_bins}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> InferenceMeta:
         try:
             model = from_dict(ModelConfig, data["model"], f"{where}: model")
-            return cls(model, normalise_categories(data.get("categories") or [], where), int(data["input_size"]), str(data.get("source", "")))
+            return cls(model, normalise_categories(data.get("categories") or [], where), int(data["input_size"]), str(data.get("source", "")),
+                       str(data.get("inst_encoding", "pe")), int(data.get("num_harmonics", 4)), int(data.get("uv_bins", 80)))
         except KeyError as exc:
             raise ValueError(f"{where}: missing field {exc.args[0]!r}") from None
 
@@ -150,7 +155,9 @@ def load_checkpoint_for_inference(path: str | Path, categories: Sequence[Any] | 
     cats = normalise_categories(payload.get("categories") or categories or [], str(path))
     if not cats:
         raise ValueError(f"{path}: the checkpoint has no category table; pass --categories (a COCO panoptic JSON)")
-    meta = InferenceMeta(model_cfg, cats, int(min(crop)), str(path))
+    loss = config.get("loss") or {}
+    meta = InferenceMeta(model_cfg, cats, int(min(crop)), str(path), str(loss.get("inst_encoding", "pe")),
+                         int(loss.get("num_harmonics", 4)), int(loss.get("uv_bins", 80)))
     check_categories(meta, str(path))
     model = build_model(model_cfg)
     try:
@@ -296,6 +303,20 @@ class TorchBackend(Backend):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(x)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+class PEAdapter(Backend):
+    """A model trained with an appendix C baseline encoding ("rgb", "uvcls") seen through PE embeddings,
+    so post-processing, sliding windows and --save-raw treat every encoding alike."""
+
+    def __init__(self, inner: Backend, meta: InferenceMeta) -> None:
+        self.inner, self.meta = inner, meta
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.inner(batch)
+        m = self.meta
+        out["inst"] = np.stack([as_pe_embeddings(x, m.inst_encoding, m.num_harmonics, m.uv_bins) for x in out["inst"]])
+        return out
 
 
 class ExportBackend(Backend):
@@ -483,6 +504,9 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     t2c, things = meta.train_to_category, meta.thing_train_ids
     annotations: dict[int, dict[str, Any]] = {}
     images: dict[int, dict[str, Any]] = {}
+
+    if meta.inst_encoding != "pe":
+        backend = PEAdapter(backend, meta)
 
     def finish(index: int, item: Item, orig: tuple[int, int], out: dict[str, np.ndarray]) -> None:
         pan, segments = postprocess(out["sem"], out["inst"], t2c, things, s.postprocess)

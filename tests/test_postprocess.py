@@ -525,3 +525,25 @@ def test_sweep_cli_end_to_end(tmp_path, capsys) -> None:
     assert "bad.npz" in capsys.readouterr().err
     assert main(["--outputs", str(tmp_path / "none"), "--gt-json", str(gt_json), "--out", str(out)]) == 2
     assert "raw-output folder not found" in capsys.readouterr().err
+
+
+def test_baseline_encodings_decode_like_pe() -> None:
+    """The appendix C encodings, turned into PE embeddings, decode to the same grid cells as PE itself."""
+    from eval.postprocess import as_pe_embeddings, decode_embeddings
+
+    rng = np.random.default_rng(0)
+    G, bins, L = 40, 40, 4
+    u = (rng.integers(0, G, (6, 7)) + 0.5) / G * 2 - 1  # grid-cell centres
+    v = (rng.integers(0, G, (6, 7)) + 0.5) / G * 2 - 1
+    pe = pe_target(u, v, np.ones(u.shape, bool), L).transpose(2, 0, 1).astype(np.float32)
+    rgb = np.stack([(u + 1) / 2, (v + 1) / 2, np.ones_like(u)]).astype(np.float32)
+    uvcls = np.zeros((2 * bins, *u.shape), np.float32)
+    yy, xx = np.mgrid[0:6, 0:7]
+    uvcls[((u + 1) / 2 * bins).astype(int), yy, xx] = 5.0
+    uvcls[bins + ((v + 1) / 2 * bins).astype(int), yy, xx] = 5.0
+    want = decode_embeddings(pe, G)
+    for enc, x in (("pe", pe), ("rgb", rgb), ("uvcls", uvcls)):
+        got = decode_embeddings(as_pe_embeddings(x, enc, L, bins), G)
+        assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b), enc
+    with pytest.raises(ValueError, match="3 channels"):
+        as_pe_embeddings(uvcls, "rgb", L, bins)
