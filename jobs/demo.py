@@ -35,22 +35,22 @@ class Stage:
     issue: int  # the issue that builds it, for the "not there yet" message
 
 
-def stages(out: Path, train_images: int, val_images: int) -> list[Stage]:
+def stages(out: Path, train_images: int, val_images: int, train_args: list[str], predict_args: list[str]) -> list[Stage]:
     data = out / "data"
     return [
         Stage("data", "prep/synthetic.py", "data/annotations/panoptic_val.json",
               ["--out", str(data), "--train", str(train_images), "--val", str(val_images)], 3),
         Stage("shards", "prep/build_shards.py", "shards/manifest.parquet",
-              ["--config", "prep/configs/synthetic.toml", f"--data.root={data}", f"--out={out / 'shards'}"], 4),
+              ["--config", "prep/configs/synthetic.toml", f"--data.root={data}", f"--out={out / 'shards'}",
+               f"--synthetic.num_images={train_images}"], 4),
         Stage("train", "train/main.py", "train/final.pt",
-              ["--config", "train/configs/tiny_cpu.toml", f"--data.shards={out / 'shards'}", f"--run.out={out / 'train'}", "--resume"], 5),
+              ["--config", "train/configs/tiny_cpu.toml", f"--data.shards={out / 'shards'}", f"--run.out={out / 'train'}", "--resume",
+               *train_args], 5),
         Stage("predict", "eval/predict.py", "predictions/panoptic_val.json",
               ["--checkpoint", str(out / "train/final.pt"), "--coco-root", str(data), "--split", "val",
-               "--out", str(out / "predictions")], 7),
-        Stage("pq", "eval/pq.py", "report/report.json",
-              ["--gt-json", str(data / "annotations/panoptic_val.json"), "--gt-dir", str(data / "annotations/panoptic_val"),
-               "--pred-json", str(out / "predictions/panoptic_val.json"), "--pred-dir", str(out / "predictions/panoptic_val"),
-               "--out", str(out / "report")], 7),
+               "--out", str(out / "predictions"), *predict_args], 7),
+        # PQ through eval/pq.py's own function, plus depth, loss curves, overlays and the run's identity
+        Stage("report", "jobs/report.py", "report/report.json", ["--run", str(out), "--disparity", "10"], 8),
     ]
 
 
@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=300, help="synthetic training images (default: 300)")
     parser.add_argument("--val-images", type=int, default=60, help="held-out synthetic images (default: 60)")
     parser.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="re-run these stages even if finished ('all' for every stage)")
+    parser.add_argument("--train-arg", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                        help="extra option for train/main.py, repeatable (e.g. --train-arg=--schedule.max_steps=100)")
+    parser.add_argument("--predict-arg", action="append", default=[], metavar="OPTION",
+                        help="extra option for eval/predict.py, repeatable (e.g. --predict-arg=--batch-size=8)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
-    plan = stages(out, args.train_images, args.val_images)
+    plan = stages(out, args.train_images, args.val_images, args.train_arg, args.predict_arg)
     known = {s.name for s in plan}
     bad = set(args.force) - known - {"all"}
     if bad:

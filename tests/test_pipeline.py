@@ -1,0 +1,59 @@
+"""The main job end to end on a very small setting: every artefact exists, and the report's numbers are
+the ones eval/pq.py computes from the prediction files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = ["--schedule.max_steps=3", "--schedule.warmup_steps=1", "--run.threads=1", "--data.num_workers=0",
+              "--data.micro_batch=2", "--optim.batch_size=2", "--run.progress=false", "--run.ckpt_every=2"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "12", "--val-images", "4",
+           *(f"--train-arg={a}" for a in TRAIN_ARGS), "--predict-arg=--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_every_artefact_exists(demo_run) -> None:
+    out, proc = demo_run
+    for rel in ["data/annotations/panoptic_train.json", "data/annotations/panoptic_val.json", "shards/manifest.parquet",
+                "train/final.pt", "train/metrics.jsonl", "train/config.resolved.toml", "predictions/panoptic_val.json",
+                "report/report.md", "report/report.json", "report/loss_curves.png", "report/overlays.png",
+                "report/pq_by_size.png", "report/pq_by_class.png"]:
+        assert (out / rel).is_file(), rel
+    assert len(list((out / "predictions/panoptic_val").glob("*.png"))) == 4
+    assert len(list((out / "shards").glob("*.tar"))) >= 1
+    assert "ran 5 of 5 stages" in proc.stdout
+
+
+def test_report_numbers_are_what_eval_pq_computes(demo_run, tmp_path: Path) -> None:
+    out, _ = demo_run
+    data = out / "data/annotations"
+    proc = subprocess.run(
+        [sys.executable, "eval/pq.py", "--gt-json", str(data / "panoptic_val.json"), "--gt-dir", str(data / "panoptic_val"),
+         "--pred-json", str(out / "predictions/panoptic_val.json"), "--pred-dir", str(out / "predictions/panoptic_val"),
+         "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads((out / "report/report.json").read_text())
+    theirs = json.loads((tmp_path / "report.json").read_text())
+    assert ours["summary"] == theirs["summary"] and ours["per_class"] == theirs["per_class"]
+    assert {"Training", "Qualitative", "Depth"} <= set(ours["extra_sections"])
+
+
+def test_rerun_skips_finished_stages(demo_run) -> None:
+    out, _ = demo_run
+    proc = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "12", "--val-images", "4"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    assert proc.stdout.count("already done") == 5
