@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -134,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print(f"report → {args.out / 'report.md'}")
     if str(args.results_md):
+        plot = args.results_md.parent / "ablation_pq_by_size.png"
+        shutil.copyfile(args.out / "pq_by_size.png", plot)
         with open(args.results_md, "a", encoding="utf-8") as f:
-            f.write(f"\n## Table 4 on the embedded data ({time.strftime('%Y-%m-%d')})\n\n" + body.replace("![PQ by size](pq_by_size.png)", f"(plot: `{args.out / 'pq_by_size.png'}`)"))
+            f.write(f"\n## Table 4 on the embedded data ({time.strftime('%Y-%m-%d')})\n\n" + body.replace("pq_by_size.png", plot.name))
     return 0
 
 
