@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: the paper's four)")
     parser.add_argument("--train-arg", action="append", default=[], help="extra --section.key=value for every training run")
     parser.add_argument("--predict-arg", action="append", default=[], help="extra option for eval/predict.py (e.g. --postprocess-config=...)")
-    parser.add_argument("--results-md", type=Path, default=REPO / "docs/results.md", help="append the table here ('' to skip)")
+    parser.add_argument("--results-md", default=str(REPO / "docs/results.md"), help="append the table here ('' to skip)")
     args = parser.parse_args(argv)
     args.out = args.out or args.run / "ablation"
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "buckets"} for r in rows], indent=1))
     print(table(rows))
     print(f"report → {args.out / 'report.md'}")
-    if str(args.results_md):
+    if args.results_md:
+        args.results_md = Path(args.results_md)
         plot = args.results_md.parent / "ablation_pq_by_size.png"
         shutil.copyfile(args.out / "pq_by_size.png", plot)
         with open(args.results_md, "a", encoding="utf-8") as f:

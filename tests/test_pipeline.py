@@ -57,3 +57,21 @@ def test_rerun_skips_finished_stages(demo_run) -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     assert proc.stdout.count("already done") == 5
+
+
+def test_ablation_driver_on_two_variants(demo_run, tmp_path: Path) -> None:
+    """jobs/ablation.py end to end (RGB baseline through the PE post-processing, and PE + EDS), a few steps."""
+    out, _ = demo_run
+    cmd = [sys.executable, "jobs/ablation.py", "--run", str(out), "--out", str(tmp_path / "abl"), "--steps", "2",
+           "--variants", "rgb,pe_eds", "--results-md", "", "--predict-arg=--no-progress",
+           *(f"--train-arg={a}" for a in TRAIN_ARGS if "max_steps" not in a)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = (tmp_path / "abl" / "report.md").read_text()
+    assert "Direct centroid regression (RGB), no EDS" in report and "PE (L=4) + EDS" in report
+    rows = json.loads((tmp_path / "abl" / "report.json").read_text())
+    assert [r["variant"] for r in rows] == ["rgb", "pe_eds"] and (tmp_path / "abl" / "pq_by_size.png").is_file()
+    import torch
+
+    rgb = torch.load(tmp_path / "abl" / "rgb" / "train" / "final.pt", weights_only=True)
+    assert json.loads(rgb["config"])["loss"]["inst_encoding"] == "rgb"
