@@ -41,15 +41,6 @@ N_IMAGES = 32
 
 
 @pytest.fixture(scope="module")
-def ray_address() -> str:
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def base_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate_split(root, "train", N_IMAGES, seed=7, progress=False)

@@ -17,15 +17,6 @@ from prep.synthetic import SceneConfig, generate_split
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     root = tmp_path / "data"

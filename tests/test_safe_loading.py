@@ -177,6 +177,7 @@ def test_train_loader_rejects_a_hostile_member_key() -> None:
 def test_trainer_cli_refuses_pickled_code_with_one_line(tmp_path: Path, capsys) -> None:
     """`train/main.py --init-from evil.pt` ends with exit 2 and an `error:` line, not a traceback."""
     from test_data import write_synthetic_shards
+
     from train.main import main
 
     marker = tmp_path / "ran"
