@@ -24,8 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import sys
 import time
 
-from genpan.config import ConfigError, load_config
-from prep.build_shards import OutputLocked, PrepConfig, RunReport, parse_args, run
+from prep.build_shards import RunReport, parse_args, run_from_cli
 
 
 def describe(report: RunReport) -> str:
@@ -39,15 +38,9 @@ def describe(report: RunReport) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv, "Cron job: rebuild only the shards whose sources or stored prep parameters changed.")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    try:
-        cfg = load_config(PrepConfig, args.config, overrides)
-        report = run(cfg, log=lambda msg: print(f"[{stamp}] {msg}"), dry_run=args.dry_run)
-    except OutputLocked as exc:
-        print(f"[{stamp}] error: {exc}", file=sys.stderr)
-        return 3
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"[{stamp}] error: {exc}", file=sys.stderr)
-        return 2
+    report = run_from_cli(args, overrides, log=lambda msg: print(f"[{stamp}] {msg}"), error_prefix=f"[{stamp}] ")
+    if isinstance(report, int):
+        return report
     if report.nothing_changed:
         print(f"[{stamp}] {report.summary()}")
         return 0

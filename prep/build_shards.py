@@ -576,17 +576,26 @@ def parse_args(argv: list[str] | None, description: str) -> tuple[argparse.Names
     return parse_args_with_overrides(parser, argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv, "Build WebDataset shards, manifest.parquet and (optionally) depth pseudo-labels with Ray.")
+def run_from_cli(args: argparse.Namespace, overrides: list[str], log: Callable[[str], None] = print,
+                 error_prefix: str = "") -> RunReport | int:
+    """Config from the command line, then the run; a user mistake is one `error:` line and an exit code
+    (3: another run holds the output's lock, 2: anything else), shared by build_shards and reprocess."""
     try:
         cfg = load_config(PrepConfig, args.config, overrides)
-        report = run(cfg, dry_run=args.dry_run)
+        return run(cfg, log=log, dry_run=args.dry_run)
     except OutputLocked as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix}error: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error_prefix}error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv, "Build WebDataset shards, manifest.parquet and (optionally) depth pseudo-labels with Ray.")
+    report = run_from_cli(args, overrides)
+    if isinstance(report, int):
+        return report
     if args.dry_run:
         print(f"dry run: would build {len(report.built_names)} of {report.shards_total} shards in {report.out}")
     else:
