@@ -74,7 +74,10 @@ def category_table(categories: Sequence[Category]) -> list[list[Any]]:
 
 # -- encoding one sample ------------------------------------------------------------------------------
 def encode_png(array: np.ndarray, compression: int) -> bytes:
-    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    # no scanline filter: label maps compress as well without one, and the loader's decode is then only
+    # an inflate (genpan/png.py); OpenCV's adaptive filters cost 3-4x more to undo
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    ok, buf = cv2.imencode(".png", array, params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode a {array.dtype} PNG")
     return buf.tobytes()

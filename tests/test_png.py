@@ -1,0 +1,118 @@
+"""genpan/png.py against OpenCV's libpng decoder on every PNG form this project meets."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+import genpan.png as png
+from genpan.png import PNGError, decode_png
+
+FILTERS = {
+    "none": cv2.IMWRITE_PNG_FILTER_NONE,
+    "sub": cv2.IMWRITE_PNG_FILTER_SUB,
+    "up": cv2.IMWRITE_PNG_FILTER_UP,
+    "paeth": cv2.IMWRITE_PNG_FILTER_PAETH,
+    "avg": cv2.IMWRITE_PNG_FILTER_AVG,
+}
+
+
+def opencv_reference(data: bytes) -> np.ndarray:
+    """libpng's decode, reordered from OpenCV's BGR(A) to PNG order."""
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array.ndim == 3 and array.shape[2] == 3:
+        return array[..., ::-1]
+    if array.ndim == 3 and array.shape[2] == 4:
+        return array[..., [2, 1, 0, 3]]
+    return array
+
+
+def label_like(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Blocky maps (long runs, as label maps have) with noise in a corner (short runs)."""
+    h, w = shape[:2]
+    coarse = rng.integers(0, np.iinfo(dtype).max, ((h + 6) // 7, (w + 6) // 7) + shape[2:], endpoint=True).astype(dtype)
+    out = np.repeat(np.repeat(coarse, 7, 0), 7, 1)[:h, :w].copy()
+    out[: h // 3, : w // 3] = rng.integers(0, np.iinfo(dtype).max, out[: h // 3, : w // 3].shape, endpoint=True).astype(dtype)
+    return out
+
+
+@pytest.mark.parametrize("filter_name", list(FILTERS))
+@pytest.mark.parametrize("dtype,channels", [(np.uint8, 1), (np.uint16, 1), (np.uint8, 3), (np.uint8, 4), (np.uint16, 3)])
+def test_matches_libpng_for_every_opencv_filter(filter_name: str, dtype: np.dtype, channels: int) -> None:
+    rng = np.random.default_rng(hash((filter_name, channels, np.dtype(dtype).itemsize)) % 2**32)
+    for h, w in [(1, 1), (1, 17), (23, 1), (37, 53), (64, 64)]:
+        array = label_like(rng, (h, w) if channels == 1 else (h, w, channels), dtype)
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, FILTERS[filter_name]]
+        data = cv2.imencode(".png", array, params)[1].tobytes()
+        decoded = decode_png(data)
+        np.testing.assert_array_equal(decoded, opencv_reference(data))
+        assert decoded.dtype == dtype and decoded.flags.writeable and decoded.flags.c_contiguous
+
+
+def test_fast_path_covers_none_sub_up_and_leaves_paeth_to_opencv() -> None:
+    array = label_like(np.random.default_rng(0), (40, 40), np.uint16)
+    for name, expect_fast in [("none", True), ("sub", True), ("up", True), ("paeth", False), ("avg", False)]:
+        data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_FILTER, FILTERS[name]])[1].tobytes()
+        assert (png._decode_fast(memoryview(data)) is not None) == expect_fast, name
+
+
+def test_mixed_filter_rows_as_pil_writes_them() -> None:
+    """PIL picks a filter per row (None/Sub/Up/Average/Paeth); rows of None/Sub/Up only stay on the fast path."""
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        rgb = label_like(rng, (50, 61, 3), np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        np.testing.assert_array_equal(decode_png(buffer.getvalue()), rgb)
+
+
+def test_row_filters_mixed_by_hand() -> None:
+    """Every None/Sub/Up row sequence (Up after Sub after None ...) reconstructs exactly: a PNG written here."""
+    rng = np.random.default_rng(2)
+    h, w = 12, 9
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    filters = rng.integers(0, 3, h)
+    rows, previous = [], np.zeros((w, 3), np.uint8)
+    for r in range(h):
+        row = image[r]
+        if filters[r] == 1:
+            encoded = row - np.vstack([np.zeros((1, 3), np.uint8), row[:-1]])
+        elif filters[r] == 2:
+            encoded = row - previous
+        else:
+            encoded = row
+        rows.append(bytes([int(filters[r])]) + encoded.astype(np.uint8).tobytes())
+        previous = row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    data = png.SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
+    assert png._decode_fast(memoryview(data)) is not None
+    np.testing.assert_array_equal(decode_png(data), image)
+    np.testing.assert_array_equal(opencv_reference(data), image)
+
+
+def test_stdlib_zlib_gives_the_same_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    array = label_like(np.random.default_rng(3), (30, 31), np.uint16)
+    data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_FILTER, FILTERS["none"]])[1].tobytes()
+    fast = decode_png(data)
+    monkeypatch.setattr(png, "_inflater", zlib)
+    np.testing.assert_array_equal(decode_png(data), fast)
+
+
+def test_bad_bytes_raise_png_error() -> None:
+    good = cv2.imencode(".png", np.arange(64, dtype=np.uint8).reshape(8, 8))[1].tobytes()
+    for bad in [b"", b"not a png at all", good[:40], good[:8] + b"\0" * 30]:
+        with pytest.raises(PNGError):
+            decode_png(bad)
+    corrupt = bytearray(good)
+    corrupt[60:70] = b"\xff" * 10  # inside the IDAT stream: inflate fails, OpenCV refuses too
+    with pytest.raises(PNGError):
+        decode_png(bytes(corrupt))
