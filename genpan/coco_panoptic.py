@@ -7,12 +7,13 @@ the packing is written, so readers, the synthetic generator, post-processing and
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+
+from genpan.png import PNGError, decode_png
 
 VOID_ID = 0
 MAX_SEGMENT_ID = 256**3 - 1
@@ -37,20 +38,20 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 def decode_panoptic_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """PNG bytes → (H, W) int32 segment ids. Raises ValueError naming `name` on a bad file."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if img is None:
-        raise ValueError(f"{name}: not a decodable PNG")
+    try:
+        img = decode_png(data)  # PNG channel order (RGB[A]); the fast path for OpenCV-written files
+    except PNGError:
+        raise ValueError(f"{name}: not a decodable PNG") from None
     if img.dtype != np.uint8:
         raise ValueError(f"{name}: panoptic PNG must be 8-bit RGB, got {img.dtype}")
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"{name}: panoptic PNG must have 3 colour channels, got shape {img.shape}")
-    # OpenCV gives BGR(A); as little-endian RGBA uint32 a pixel reads R + 256·G + 256²·B + 256³·A.
-    code = cv2.COLOR_BGRA2RGBA if img.shape[2] == 4 else cv2.COLOR_BGR2RGBA
-    rgba = np.ascontiguousarray(cv2.cvtColor(img, code))
-    if sys.byteorder != "little":
-        return rgb_to_id(rgba[..., :3])
-    return (rgba.view(np.uint32)[..., 0] & 0xFFFFFF).astype(np.int32)
+    ids = img[..., 2].astype(np.int32)  # id = R + 256·G + 256²·B, built in place (fewest passes over the map)
+    ids <<= 8
+    ids |= img[..., 1]
+    ids <<= 8
+    ids |= img[..., 0]
+    return ids
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:
