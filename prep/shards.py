@@ -115,7 +115,7 @@ def encode_sample(
     if sample.pan_ids is not None:
         train_id_of = {c.id: c.train_id for c in categories}
         things = {c.id for c in categories if c.isthing}
-        targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip)
+        targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip, sample.dense_index)
         fields["sem.png"] = encode_png(targets.sem, level)
         fields["ins.png"] = encode_png(targets.ins, level)
         fields["dist.png"] = encode_png(encode_distance(targets.dist, params.dist_clip), level)

@@ -112,9 +112,11 @@ def _stats_from_dense(dense: np.ndarray, segment_ids: Sequence[int]) -> list[Seg
     """Everything from two histograms (segment × row, segment × column): no per-segment mask scans."""
     h, w = dense.shape
     k = len(segment_ids) + 1
-    idx = np.where(dense == UNLISTED, 0, dense).astype(np.int64)
-    rows = np.bincount((idx + (np.arange(h, dtype=np.int64) * k)[:, None]).ravel(), minlength=h * k).reshape(h, k)
-    cols = np.bincount((idx + (np.arange(w, dtype=np.int64) * k)[None, :]).ravel(), minlength=w * k).reshape(w, k)
+    if h * k >= 2**31 or w * k >= 2**31:
+        raise ValueError(f"{k - 1} segments on a {h}x{w} map overflow the histogram keys")
+    idx = np.where(dense == UNLISTED, 0, dense).astype(np.int32)  # int32 keys: half the memory traffic of int64
+    rows = np.bincount((idx + (np.arange(h, dtype=np.int32) * k)[:, None]).ravel(), minlength=h * k).reshape(h, k)
+    cols = np.bincount((idx + (np.arange(w, dtype=np.int32) * k)[None, :]).ravel(), minlength=w * k).reshape(w, k)
     area = rows.sum(0)
     sum_y = np.arange(h, dtype=np.float64) @ rows
     sum_x = np.arange(w, dtype=np.float64) @ cols
@@ -245,14 +247,17 @@ def build_targets(
     train_id_of: dict[int, int],
     thing_categories: set[int],
     dist_clip: float = DEFAULT_DIST_CLIP,
+    dense: np.ndarray | None = None,
 ) -> ImageTargets:
     """All per-image targets of the shard contract from a panoptic id map and its segments_info.
 
     `train_id_of` maps category id → contiguous train id; `thing_categories` holds the thing ids.
     Area, bbox and centroid are measured on the map (the JSON's own values are not trusted).
+    `dense` is segment_index_map(pan_ids, segment ids) when the caller already has it.
     """
     seg_ids = [int(s["id"]) for s in segments]
-    dense = segment_index_map(pan_ids, seg_ids)
+    if dense is None:
+        dense = segment_index_map(pan_ids, seg_ids)
     sem = _semantic_from_dense(dense, segments, train_id_of)
     ins, ins_index = _instance_from_dense(dense, segments, thing_categories)
     stats = _stats_from_dense(dense, seg_ids)

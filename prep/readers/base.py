@@ -57,6 +57,9 @@ class Sample:
     image_hash: str
     label_hash: str  # "" when there is no label
     depth_hash: str  # "" when there is no depth
+    # segment_index_map(pan_ids, [s["id"] for s in segments]) when the reader already built it to validate
+    # the label (targets reuse it instead of a second pass over the map)
+    dense_index: np.ndarray | None = None
 
     @property
     def source_hash(self) -> str:

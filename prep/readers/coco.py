@@ -162,7 +162,7 @@ class CocoPanopticReader:
         if pan_ids.shape != (h, w):
             raise SampleProblem(f"panoptic PNG is {pan_ids.shape[0]}x{pan_ids.shape[1]} but the image is {h}x{w}", ref.label_path)
         segments = [dict(s) for s in ref.segments]
-        self._validate_segments(pan_ids, segments, ref.label_path)
+        dense = self._validate_segments(pan_ids, segments, ref.label_path)
         depth_m, depth_hash = self._load_depth(ref, h, w)
         return Sample(
             key=ref.key,
@@ -178,9 +178,11 @@ class CocoPanopticReader:
             image_hash=sha256_hex(image_bytes),
             label_hash=sha256_hex(label_bytes + canonical_json(segments)),
             depth_hash=depth_hash,
+            dense_index=dense,
         )
 
-    def _validate_segments(self, pan_ids: np.ndarray, segments: list[dict[str, Any]], path: str) -> None:
+    def _validate_segments(self, pan_ids: np.ndarray, segments: list[dict[str, Any]], path: str) -> np.ndarray:
+        """The dense segment index of the map (segment_index_map), once every id is known to match."""
         json_ids: list[int] = []
         for seg in segments:
             if "id" not in seg or "category_id" not in seg:
@@ -201,6 +203,7 @@ class CocoPanopticReader:
         missing_png = [sid for sid, n in zip(json_ids, present) if n == 0]
         if missing_png:
             raise SampleProblem(f"JSON segment id(s) {missing_png[:5]} not in the PNG", path)
+        return dense
 
     def _load_depth(self, ref: SampleRef, h: int, w: int) -> tuple[np.ndarray | None, str]:
         if not ref.depth_path:
