@@ -9,6 +9,11 @@ runs too when installed, with its own threading. Also timed: decoding every PNG 
 (genpan.coco_panoptic) and with PIL, the floor for any exact PQ that reads these files.
 
     python bench/pq_speed.py --images 300 --min-size 256 --max-size 512
+    python bench/pq_speed.py --gt-writer pil     # GT PNGs as COCO's own files are written (PIL)
+
+The generated PNGs are written by OpenCV, as eval/predict.py writes predictions (every row Sub-filtered:
+genpan/png.py decodes them with zlib-ng + numpy). COCO's ground truth was written by PIL, whose per-row
+adaptive filters (Average/Paeth rows) send our decoder to OpenCV: `--gt-writer pil` measures that case.
 
 The last line is `RESULT speedup_vs_panopticapi=<ours vs reference, 1 process>`.
 """
@@ -105,6 +110,16 @@ def decode_floor(paths: dict[str, Path]) -> tuple[float, float]:
     return cv_time, pil_time
 
 
+def resave_with_pil(folder: Path) -> None:
+    """Rewrite every PNG of `folder` with PIL's encoder (same pixels, PIL's per-row filter choice)."""
+    from PIL import Image
+
+    for path in sorted(folder.glob("*.png")):
+        ids = read_panoptic_png(path)
+        rgb = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(path, format="PNG")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300, help="number of GT/prediction image pairs (default 300)")
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", default="1,2", help="comma-separated process counts to time (default 1,2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement, best kept (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated data (default 0)")
+    parser.add_argument("--gt-writer", choices=("opencv", "pil"), default="opencv",
+                        help="encoder of the GT PNGs: opencv (as predict.py writes) or pil (as COCO's files are)")
     args = parser.parse_args(argv)
     try:
         counts = [int(v) for v in args.processes.split(",")]
@@ -130,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pq_speed_") as tmp:
         start = time.perf_counter()
         paths = make_pair(tmp, args.images, args.seed, (args.min_size, args.max_size))
+        if args.gt_writer == "pil":
+            resave_with_pil(paths["gt_dir"])
         n_segments = sum(len(a["segments_info"]) for a in json.loads(paths["gt_json"].read_text())["annotations"])
-        print(f"data: {args.images} images, {args.min_size}–{args.max_size} px, {n_segments} GT segments "
+        print(f"data: {args.images} images, {args.min_size}–{args.max_size} px, {n_segments} GT segments, GT PNGs by {args.gt_writer} "
               f"(generated in {time.perf_counter() - start:.1f} s)")
 
         rows = []

@@ -20,7 +20,7 @@ import zlib
 import cv2
 import numpy as np
 
-try:  # optional accelerator (pyproject extra `fast`); same output either way
+try:  # a dependency; stdlib zlib stays as the fallback for installs without it (same output either way)
     from zlib_ng import zlib_ng as _inflater
 except ImportError:  # pragma: no cover - exercised where zlib-ng is absent
     _inflater = zlib

@@ -76,7 +76,9 @@ def category_table(categories: Sequence[Category]) -> list[list[Any]]:
 def encode_png(array: np.ndarray, compression: int) -> bytes:
     # no scanline filter: label maps compress as well without one, and the loader's decode is then only
     # an inflate (genpan/png.py); OpenCV's adaptive filters cost 3-4x more to undo
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compression, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11; older ones choose filters per row (still read fine)
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
     ok, buf = cv2.imencode(".png", array, params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to encode a {array.dtype} PNG")
