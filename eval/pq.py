@@ -55,8 +55,9 @@ from eval.pq_match import (
     average_scores,
     category_scores,
     pq_image,
+    pq_image_runs,
 )
-from genpan.coco_panoptic import load_panoptic_json, read_panoptic_png
+from genpan.coco_panoptic import load_panoptic_json, read_panoptic_runs
 
 __all__ = [
     "PQInputError",
@@ -65,6 +66,7 @@ __all__ = [
     "ImageStats",
     "pq_compute",
     "pq_image",
+    "pq_image_runs",
     "pq_by_size",
     "quantile_edges",
     "format_summary_table",
@@ -165,15 +167,15 @@ def _init_worker(categories: CategoryTable) -> None:
 def _score_task(task: _ImageTask) -> ImageStats:
     assert _worker_categories is not None
     try:
-        gt_ids = read_panoptic_png(task.gt_png)
-        pred_ids = read_panoptic_png(task.pred_png)
+        gt_runs = read_panoptic_runs(task.gt_png)
+        pred_runs = read_panoptic_runs(task.pred_png)
     except FileNotFoundError as exc:
         raise PQInputError(f"{task.name}: PNG not found: {exc.filename}") from None
     except OSError as exc:
         raise PQInputError(f"{task.name}: cannot read {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
         raise PQInputError(str(exc)) from None
-    return pq_image(gt_ids, task.gt_segments, pred_ids, task.pred_segments, _worker_categories, task.name)
+    return pq_image_runs(gt_runs, task.gt_segments, pred_runs, task.pred_segments, _worker_categories, task.name)
 
 
 def _annotations(data: Mapping[str, Any], path: Path) -> dict[Any, dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID
+from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID, PanopticRuns
 
 # Segment record kinds. TP and FN rows carry the GT area, FP rows the predicted area (pq_by_size).
 TP, FN, FP = 0, 1, 2
@@ -151,16 +151,23 @@ def _compact(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
     return compact
 
 
-def _pair_counts(g: np.ndarray, p: np.ndarray, n_g: int, n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-empty (GT index, pred index, pixel count) triples of two compact maps, in one pass."""
+def _pair_counts(g: np.ndarray, p: np.ndarray, lengths: np.ndarray, n_g: int, n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-empty (GT index, pred index, pixel count) triples from runs of constant (GT, pred) index."""
     if n_g * n_p <= _DENSE_PAIR_LIMIT:
-        codes = g.ravel() * n_p + p.ravel()
-        counts = np.bincount(codes, minlength=n_g * n_p)
+        counts = np.bincount(g * n_p + p, weights=lengths, minlength=n_g * n_p)
         nonzero = np.flatnonzero(counts)
-        return nonzero // n_p, nonzero % n_p, counts[nonzero]
-    codes = g.ravel().astype(np.int64) * n_p + p.ravel()
-    nonzero, counts = np.unique(codes, return_counts=True)
-    return nonzero // n_p, nonzero % n_p, counts
+        return nonzero // n_p, nonzero % n_p, counts[nonzero].astype(np.int64)
+    codes, inverse = np.unique(g.astype(np.int64) * n_p + p, return_inverse=True)
+    counts = np.bincount(inverse, weights=lengths).astype(np.int64)
+    return codes // n_p, codes % n_p, counts
+
+
+def _merged_runs(gt: PanopticRuns, pred: PanopticRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GT id, pred id, length) of the runs on which both maps are constant."""
+    starts = np.union1d(gt.starts, pred.starts)
+    g = gt.ids[np.searchsorted(gt.starts, starts, side="right") - 1]
+    p = pred.ids[np.searchsorted(pred.starts, starts, side="right") - 1]
+    return g, p, np.diff(starts, append=gt.shape[0] * gt.shape[1])
 
 
 def pq_image(
@@ -184,16 +191,51 @@ def pq_image(
             raise PQInputError(f"{name}: {side} must be a 2-D integer id map, got {arr.dtype} {arr.shape}")
     if gt_ids.shape != pred_ids.shape:
         raise PQInputError(f"{name}: prediction size {pred_ids.shape} differs from ground truth size {gt_ids.shape}")
+    # runs on which both maps are constant: one comparison pass, then work per run, not per pixel
+    h, w = gt_ids.shape
+    changed = np.empty((h, w), dtype=bool)
+    changed[:, 0] = True
+    np.not_equal(gt_ids[:, 1:], gt_ids[:, :-1], out=changed[:, 1:])
+    changed[:, 1:] |= pred_ids[:, 1:] != pred_ids[:, :-1]
+    starts = np.flatnonzero(changed)
+    runs = (gt_ids.ravel()[starts], pred_ids.ravel()[starts], np.diff(starts, append=h * w))
+    return _match(*runs, gt_segments, pred_segments, categories, name)
+
+
+def pq_image_runs(
+    gt: PanopticRuns,
+    gt_segments: Sequence[Mapping[str, Any]],
+    pred: PanopticRuns,
+    pred_segments: Sequence[Mapping[str, Any]],
+    categories: CategoryTable | Sequence[Mapping[str, Any]],
+    name: str = "image",
+) -> ImageStats:
+    """`pq_image` on run-length maps (genpan.coco_panoptic.read_panoptic_runs): what pq_compute uses."""
+    if gt.shape != pred.shape:
+        raise PQInputError(f"{name}: prediction size {pred.shape} differs from ground truth size {gt.shape}")
+    return _match(*_merged_runs(gt, pred), gt_segments, pred_segments, categories, name)
+
+
+def _match(
+    gt_run_ids: np.ndarray,
+    pred_run_ids: np.ndarray,
+    lengths: np.ndarray,
+    gt_segments: Sequence[Mapping[str, Any]],
+    pred_segments: Sequence[Mapping[str, Any]],
+    categories: CategoryTable | Sequence[Mapping[str, Any]],
+    name: str,
+) -> ImageStats:
+    """The matching itself, from the (GT id, pred id, pixel count) of runs covering the image."""
     if not isinstance(categories, CategoryTable):
         categories = CategoryTable.from_coco(categories)
     cat_index = categories.index
     gt = _parse_segments(gt_segments, cat_index, f"{name} (ground truth)")
     pred = _parse_segments(pred_segments, cat_index, f"{name} (prediction)")
-    g = _compact(gt_ids, gt.ids, f"{name} (ground truth)")
-    p = _compact(pred_ids, pred.ids, f"{name} (prediction)")
+    g = _compact(gt_run_ids, gt.ids, f"{name} (ground truth)")
+    p = _compact(pred_run_ids, pred.ids, f"{name} (prediction)")
     n_g, n_p = gt.ids.size + 1, pred.ids.size + 1  # index 0 is void on both sides
 
-    pair_g, pair_p, inter = _pair_counts(g, p, n_g, n_p)
+    pair_g, pair_p, inter = _pair_counts(g, p, lengths, n_g, n_p)
     gt_area = np.bincount(pair_g, weights=inter, minlength=n_g).astype(np.int64)
     pred_area = np.bincount(pair_p, weights=inter, minlength=n_p).astype(np.int64)
     for area, seg, side in ((gt_area, gt, "ground truth"), (pred_area, pred, "prediction")):

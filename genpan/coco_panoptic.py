@@ -7,13 +7,14 @@ the packing is written, so readers, the synthetic generator, post-processing and
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from genpan.png import PNGError, decode_png
+from genpan.png import PNGError, decode_png, rgb_runs_fast
 
 VOID_ID = 0
 MAX_SEGMENT_ID = 256**3 - 1
@@ -52,6 +53,38 @@ def decode_panoptic_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
     ids <<= 8
     ids |= img[..., 0]
     return ids
+
+
+@dataclass(frozen=True)
+class PanopticRuns:
+    """A panoptic id map as horizontal runs: `starts` are ascending flat pixel indices (every row's first
+    pixel among them), `ids` the segment id of each run; a run ends where the next one starts."""
+
+    shape: tuple[int, int]
+    starts: np.ndarray
+    ids: np.ndarray
+
+    @classmethod
+    def of_map(cls, ids: np.ndarray) -> PanopticRuns:
+        h, w = ids.shape
+        changed = np.empty((h, w), dtype=bool)
+        changed[:, 0] = True
+        np.not_equal(ids[:, 1:], ids[:, :-1], out=changed[:, 1:])
+        starts = np.flatnonzero(changed)
+        return cls((h, w), starts, ids.ravel()[starts])
+
+
+def decode_panoptic_runs(data: bytes, name: str = "<bytes>") -> PanopticRuns:
+    """PNG bytes → PanopticRuns, without building the pixel map when OpenCV wrote the file (genpan/png.py)."""
+    fast = rgb_runs_fast(data)
+    if fast is not None:
+        return PanopticRuns(*fast)
+    return PanopticRuns.of_map(decode_panoptic_png(data, name))
+
+
+def read_panoptic_runs(path: str | Path) -> PanopticRuns:
+    path = Path(path)
+    return decode_panoptic_runs(path.read_bytes(), str(path))
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:

@@ -45,8 +45,9 @@ def decode_png(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     return fast if fast is not None else _decode_opencv(buffer)
 
 
-def _decode_fast(buffer: memoryview) -> np.ndarray | None:
-    """The None/Sub/Up path; None when the file needs the general decoder."""
+def _inflate_rows(buffer: memoryview) -> tuple[np.ndarray, int, int, int, int] | None:
+    """(filtered rows (H, 1 + W·bpp) uint8, width, height, channels, bit depth) of a PNG the fast paths
+    can take (8/16-bit gray/RGB(A), not interlaced); None otherwise."""
     if len(buffer) < 33 or buffer[:8] != SIGNATURE or buffer[12:16] != b"IHDR":
         return None
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", buffer[16:29])
@@ -64,25 +65,65 @@ def _decode_fast(buffer: memoryview) -> np.ndarray | None:
         pos += 12 + length
     if not idat:
         return None
-    bpp = channels * depth // 8
-    stride = 1 + width * bpp
+    stride = 1 + width * channels * depth // 8
     try:
         raw = _inflater.decompress(idat[0] if len(idat) == 1 else b"".join(idat))
     except Exception:  # a corrupt stream: let OpenCV produce (or refuse) the result
         return None
     if len(raw) != height * stride:
         return None
-    rows = np.frombuffer(raw, np.uint8).reshape(height, stride)
+    return np.frombuffer(raw, np.uint8).reshape(height, stride), width, height, channels, depth
+
+
+def _decode_fast(buffer: memoryview) -> np.ndarray | None:
+    """The None/Sub/Up path; None when the file needs the general decoder."""
+    inflated = _inflate_rows(buffer)
+    if inflated is None:
+        return None
+    rows, width, height, channels, depth = inflated
     filters = rows[:, 0]
     if filters.max() > UP:
         return None
-    pixels = rows[:, 1:].reshape(height, width, bpp)
+    pixels = rows[:, 1:].reshape(height, width, channels * depth // 8)
     out = _unfilter(pixels, filters)
     if depth == 16:
         out = out.view(">u2").astype(np.uint16)  # PNG samples are big-endian
     out = out[..., 0] if channels == 1 else out
     # a None-filtered image is still a view of the inflated bytes: hand out a writable, contiguous copy
     return np.array(out, order="C") if not out.flags.writeable or not out.flags.c_contiguous else out
+
+
+def rgb_runs_fast(data: bytes | memoryview) -> tuple[tuple[int, int], np.ndarray, np.ndarray] | None:
+    """Horizontal runs of an 8-bit RGB PNG whose rows are all Sub-filtered (OpenCV's files), read
+    without reconstructing the pixels: ((H, W), run starts as flat pixel indices, R + 256·G + 256²·B of
+    each run); None for any other PNG (use `decode_png`).
+
+    A Sub-filtered pixel stores its difference to the left neighbour, so it is all-zero exactly inside a
+    run: the run starts are the non-zero pixels (plus each row's first), and a run's value is the running
+    sum of the differences at the starts of its row. Every row starts a run.
+    """
+    inflated = _inflate_rows(memoryview(data).cast("B"))
+    if inflated is None:
+        return None
+    rows, width, height, channels, depth = inflated
+    filters = rows[:, 0]
+    # one pixel per row: None and Sub store the same bytes (and libpng writes None there)
+    if channels != 3 or depth != 8 or not ((filters == SUB).all() or (width == 1 and (filters <= SUB).all())):
+        return None
+    diff = rows[:, 1:].reshape(height, width, 3)
+    changed = diff[..., 0] != 0
+    changed |= diff[..., 1] != 0
+    changed |= diff[..., 2] != 0
+    changed[:, 0] = True
+    starts = np.flatnonzero(changed)
+    steps = diff.reshape(-1, 3)[starts].astype(np.int64)
+    running = np.cumsum(steps, axis=0)
+    row_first = np.flatnonzero(starts % width == 0)  # one per row, in row order
+    before_row = np.zeros((height, 3), np.int64)
+    before_row[1:] = running[row_first[1:] - 1]
+    rgb = (running - before_row[starts // width]) & 255
+    ids = rgb[:, 0] | (rgb[:, 1] << 8) | (rgb[:, 2] << 16)
+    return (height, width), starts, ids
 
 
 def _unfilter(pixels: np.ndarray, filters: np.ndarray) -> np.ndarray:

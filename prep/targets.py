@@ -109,20 +109,28 @@ def segment_stats(pan_ids: np.ndarray, segment_ids: Sequence[int]) -> list[Segme
 
 
 def _stats_from_dense(dense: np.ndarray, segment_ids: Sequence[int]) -> list[SegmentStats]:
-    """Everything from two histograms (segment × row, segment × column): no per-segment mask scans."""
+    """Everything from the map's horizontal runs: a label map has a few thousand runs where it has
+    hundreds of thousands of pixels, so one comparison pass finds them and the rest is per run."""
     h, w = dense.shape
     k = len(segment_ids) + 1
-    if h * k >= 2**31 or w * k >= 2**31:
-        raise ValueError(f"{k - 1} segments on a {h}x{w} map overflow the histogram keys")
-    idx = np.where(dense == UNLISTED, 0, dense).astype(np.int32)  # int32 keys: half the memory traffic of int64
-    rows = np.bincount((idx + (np.arange(h, dtype=np.int32) * k)[:, None]).ravel(), minlength=h * k).reshape(h, k)
-    cols = np.bincount((idx + (np.arange(w, dtype=np.int32) * k)[None, :]).ravel(), minlength=w * k).reshape(w, k)
-    area = rows.sum(0)
-    sum_y = np.arange(h, dtype=np.float64) @ rows
-    sum_x = np.arange(w, dtype=np.float64) @ cols
-    present_r, present_c = rows > 0, cols > 0
-    y0, y1 = present_r.argmax(0), h - 1 - present_r[::-1].argmax(0)
-    x0, x1 = present_c.argmax(0), w - 1 - present_c[::-1].argmax(0)
+    change = np.empty((h, w), dtype=bool)
+    change[:, 0] = True  # every row starts a run, so no run crosses a row end
+    np.not_equal(dense[:, 1:], dense[:, :-1], out=change[:, 1:])
+    starts = np.flatnonzero(change)
+    lengths = np.diff(starts, append=h * w)
+    vals = dense.ravel()[starts].astype(np.intp)
+    vals[vals == UNLISTED] = 0  # unlisted ids count as void, as the map's other users read them
+    run_y, run_x0 = np.divmod(starts, w)
+    run_x1 = run_x0 + lengths - 1
+    area = np.bincount(vals, weights=lengths, minlength=k).astype(np.int64)
+    sum_x = np.bincount(vals, weights=(run_x0 + run_x1) * lengths / 2, minlength=k)  # Σx over a run, exact
+    sum_y = np.bincount(vals, weights=run_y * lengths, minlength=k)
+    y0, x0 = np.full(k, h, dtype=np.intp), np.full(k, w, dtype=np.intp)
+    y1, x1 = np.full(k, -1, dtype=np.intp), np.full(k, -1, dtype=np.intp)
+    np.minimum.at(y0, vals, run_y)
+    np.maximum.at(y1, vals, run_y)
+    np.minimum.at(x0, vals, run_x0)
+    np.maximum.at(x1, vals, run_x1)
     stats = []
     for j, sid in enumerate(segment_ids, start=1):
         n = int(area[j])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from prep.readers import make_reader
-from prep.shards import ShardParams, encode_sample, write_tar
+from prep.shards import ShardParams, encode_png, encode_sample, write_tar
 from prep.synthetic import SceneConfig, generate_split
 from prep.targets import DIST_SCALE, IGNORE
 from prep.teachers import disparity_from_depth
@@ -201,6 +203,27 @@ def test_collate_pads_with_void():
     assert bool((batch["sem"][0, 5:] == IGNORE).all()) and bool((batch["ins"][1, :, 4:] == 0).all())
     assert batch["size"].tolist() == [[5, 7], [6, 4]]
     assert batch["crowd"].tolist() == [[False, False], [False, True]]
+    # every field is a view of one buffer: a worker hands the trainer one shared-memory segment
+    storages = {batch[k].untyped_storage().data_ptr() for k in ("image", "sem", "ins", "dist", "size", "crowd")}
+    assert len(storages) == 1 and batch["ins"].dtype == torch.int16 and batch["dist"].dtype == torch.int16
+
+
+def test_decode_sample_int16_maps_and_instance_limit():
+    from train.data import INT16_MAX, decode_sample
+
+    rng = np.random.default_rng(4)
+    ins = rng.integers(0, 3, (6, 5)).astype(np.uint16)
+    dist = np.array([0, 1, INT16_MAX, INT16_MAX + 1, 65535] * 6, np.uint16).reshape(6, 5)
+    raw = {"__key__": "k1", "jpg": cv2.imencode(".jpg", rng.integers(0, 255, (6, 5, 3), dtype=np.uint8))[1].tobytes(),
+           "sem.png": encode_png(np.zeros((6, 5), np.uint8), 1), "ins.png": encode_png(ins, 1),
+           "dist.png": encode_png(dist, 1), "json": json.dumps({"segments": [{"ins": 2, "iscrowd": 1}]}).encode()}
+    out = decode_sample(raw)
+    np.testing.assert_array_equal(out["ins"], ins.astype(np.int16))
+    np.testing.assert_array_equal(out["dist"], np.minimum(dist, INT16_MAX).astype(np.int16))  # saturates, never wraps
+    assert out["crowd"].tolist() == [False, False, True]
+    raw["json"] = json.dumps({"segments": [{"ins": INT16_MAX + 1}]}).encode()
+    with pytest.raises(ValueError, match="instances"):
+        decode_sample(raw)
 
 
 def _keys(stream: BatchStream, n: int) -> list[list[str]]:

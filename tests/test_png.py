@@ -116,3 +116,22 @@ def test_bad_bytes_raise_png_error() -> None:
     corrupt[60:70] = b"\xff" * 10  # inside the IDAT stream: inflate fails, OpenCV refuses too
     with pytest.raises(PNGError):
         decode_png(bytes(corrupt))
+
+
+def test_rgb_runs_of_opencv_files_match_the_decoded_map() -> None:
+    from genpan.coco_panoptic import PanopticRuns, decode_panoptic_png
+    from genpan.png import rgb_runs_fast
+
+    rng = np.random.default_rng(6)
+    for h, w in [(1, 1), (1, 30), (30, 1), (17, 23), (64, 80)]:
+        rgb = label_like(rng, (h, w, 3), np.uint8)
+        rgb[rng.random((h, w)) < 0.05] = 0  # void pixels and runs of zero differences
+        data = cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()  # OpenCV: every row Sub-filtered
+        shape, starts, ids = rgb_runs_fast(data)
+        expected = PanopticRuns.of_map(decode_panoptic_png(data))
+        assert shape == (h, w)
+        np.testing.assert_array_equal(starts, expected.starts)
+        np.testing.assert_array_equal(ids, expected.ids)
+    gray = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()
+    paeth = cv2.imencode(".png", rgb, [cv2.IMWRITE_PNG_FILTER, FILTERS["paeth"]])[1].tobytes()
+    assert rgb_runs_fast(gray) is None and rgb_runs_fast(paeth) is None

@@ -396,3 +396,31 @@ def test_reference_quirks_on_one_image(tmp_path):
 def test_png_folders_default_to_the_json_path_without_suffix(tmp_path):
     p = _tiny_files(tmp_path)  # writes gt.json + gt/, pred.json + pred/
     assert pq_compute(p["gt_json"], None, p["pred_json"], None, progress=False).summary()["All"]["pq"] == 1.0
+
+
+def test_run_length_path_equals_the_map_path(tmp_path):
+    """pq_compute reads OpenCV-written PNGs as runs (never building the pixel map); PIL-written ones go
+    through the decoded map. Both must give exactly pq_image's numbers on the maps."""
+    from PIL import Image
+
+    from eval.pq_match import pq_image_runs
+    from genpan.coco_panoptic import PanopticRuns, id_to_rgb, load_panoptic_json, read_panoptic_png, read_panoptic_runs
+
+    paths = make_pair(tmp_path, 12, seed=5, size_range=(1, 40))
+    gt_json, pred_json = load_panoptic_json(paths["gt_json"]), load_panoptic_json(paths["pred_json"])
+    cats = CategoryTable.from_coco(gt_json["categories"])
+    for pil_written in (False, True):
+        if pil_written:  # same pixels, PIL's per-row filters: the runs come from the decoded map
+            for png in sorted(paths["gt_dir"].glob("*.png")):
+                Image.fromarray(id_to_rgb(read_panoptic_png(png))).save(png, format="PNG")
+        for g, p in zip(gt_json["annotations"], pred_json["annotations"], strict=True):
+            gt_png, pred_png = paths["gt_dir"] / g["file_name"], paths["pred_dir"] / p["file_name"]
+            gt_ids, pred_ids = read_panoptic_png(gt_png), read_panoptic_png(pred_png)
+            runs = read_panoptic_runs(gt_png)
+            of_map = PanopticRuns.of_map(gt_ids)
+            assert np.array_equal(runs.starts, of_map.starts) and np.array_equal(runs.ids, of_map.ids)
+            a = pq_image(gt_ids, g["segments_info"], pred_ids, p["segments_info"], cats)
+            b = pq_image_runs(runs, g["segments_info"], read_panoptic_runs(pred_png), p["segments_info"], cats)
+            for field in ("tp", "fp", "fn", "iou"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            assert a.segments.tobytes() == b.segments.tobytes()

@@ -23,6 +23,7 @@ from prep.targets import (
     instance_map,
     pe_encode,
     pe_target,
+    segment_index_map,
     segment_stats,
     semantic_map,
 )
@@ -139,6 +140,11 @@ def test_build_targets_table() -> None:
     assert [s["iscrowd"] for s in t.segments] == [False, True, False]
     assert t.segments[0]["area"] == 3 and t.segments[2]["isthing"] is False
     assert t.segments[1]["centroid"] == pytest.approx([2 * 2.5 / 3 - 1, 0.0])
+    # a caller's dense index (the reader's) gives the same targets as computing it here
+    given = build_targets(ids, segs, {1: 0, 3: 1, 9: 2}, {1, 3}, dense=segment_index_map(ids, [5, 6, 7]))
+    assert given.segments == t.segments
+    for name in ("sem", "ins", "dist"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(t, name))
 
 
 def test_eds_weight_formula() -> None:
