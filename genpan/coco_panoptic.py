@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from genpan.png import PNGError, decode_png, rgb_runs_fast
+from genpan.png import PNGError, decode_png_any_order, rgb_runs_fast
 
 VOID_ID = 0
 MAX_SEGMENT_ID = 256**3 - 1
@@ -40,18 +40,19 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 def decode_panoptic_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """PNG bytes → (H, W) int32 segment ids. Raises ValueError naming `name` on a bad file."""
     try:
-        img = decode_png(data)  # PNG channel order (RGB[A]); the fast path for OpenCV-written files
+        img, bgr = decode_png_any_order(data)  # the fast path for OpenCV-written files gives RGB
     except PNGError:
         raise ValueError(f"{name}: not a decodable PNG") from None
     if img.dtype != np.uint8:
         raise ValueError(f"{name}: panoptic PNG must be 8-bit RGB, got {img.dtype}")
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"{name}: panoptic PNG must have 3 colour channels, got shape {img.shape}")
-    ids = img[..., 2].astype(np.int32)  # id = R + 256·G + 256²·B, built in place (fewest passes over the map)
+    red, blue = (2, 0) if bgr else (0, 2)
+    ids = img[..., blue].astype(np.int32)  # id = R + 256·G + 256²·B, built in place (fewest passes over the map)
     ids <<= 8
     ids |= img[..., 1]
     ids <<= 8
-    ids |= img[..., 0]
+    ids |= img[..., red]
     return ids
 
 

@@ -135,3 +135,12 @@ def test_rgb_runs_of_opencv_files_match_the_decoded_map() -> None:
     gray = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()
     paeth = cv2.imencode(".png", rgb, [cv2.IMWRITE_PNG_FILTER, FILTERS["paeth"]])[1].tobytes()
     assert rgb_runs_fast(gray) is None and rgb_runs_fast(paeth) is None
+
+
+def test_gray_alpha_and_palette_come_out_as_opencv_gives_them() -> None:
+    rng = np.random.default_rng(7)
+    gray = label_like(rng, (9, 11), np.uint8)
+    for image in [Image.fromarray(np.stack([gray, 255 - gray], -1), mode="LA"), Image.fromarray(gray).convert("P")]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        np.testing.assert_array_equal(decode_png(buffer.getvalue()), opencv_reference(buffer.getvalue()))
