@@ -40,7 +40,7 @@ from unittest import mock
 import numpy as np
 
 from eval.pq import pq_compute
-from eval.pq_synth import make_pair
+from eval.pq_synth import make_pair, resave_with_pil
 from genpan.coco_panoptic import read_panoptic_png
 
 TOLERANCE = 1e-9
@@ -108,16 +108,6 @@ def decode_floor(paths: dict[str, Path]) -> tuple[float, float]:
     )
     cv_time, pil_time = times["cv"], times["pil"]
     return cv_time, pil_time
-
-
-def resave_with_pil(folder: Path) -> None:
-    """Rewrite every PNG of `folder` with PIL's encoder (same pixels, PIL's per-row filter choice)."""
-    from PIL import Image
-
-    for path in sorted(folder.glob("*.png")):
-        ids = read_panoptic_png(path)
-        rgb = np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
-        Image.fromarray(rgb).save(path, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

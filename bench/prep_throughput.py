@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from eval.pq_synth import resave_with_pil
 from genpan.coco_panoptic import decode_panoptic_png
 from prep.build_shards import (
     DataConfig,
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compression", type=int, default=1, help="PNG compression level, as shards.png_compression (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions; the fastest counts (default 3)")
     parser.add_argument("--skip-scaling", action="store_true", help="do not measure the 2-worker run")
+    parser.add_argument("--gt-writer", choices=("opencv", "pil"), default="opencv",
+                        help="encoder of the GT PNGs: opencv (the synthetic set's) or pil (as COCO's files are)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.images < 1 or args.min_size < 32 or args.max_size < args.min_size:
         print("error: need --repeats, --images >= 1 and 32 <= --min-size <= --max-size", file=sys.stderr)
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         data = tmp_path / "data"
         generate_split(data, "train", args.images, seed=0, cfg=SceneConfig(min_size=args.min_size, max_size=args.max_size))
+        if args.gt_writer == "pil":
+            resave_with_pil(data / "annotations" / "panoptic_train")
         reader = coco_layout(data, "train")
         refs = reader.refs()
         outputs = output_arrays(refs, reader)
@@ -164,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         two = None if args.skip_scaling else prep_seconds(data, tmp_path, 2, args.per_shard, args.repeats)
         parts = breakdown(refs, reader)
     n = len(refs)
-    print(f"images: {n} of {args.min_size}-{args.max_size} px; PNG compression {args.compression}")
+    print(f"images: {n} of {args.min_size}-{args.max_size} px; PNG compression {args.compression}; GT PNGs by {args.gt_writer}")
     print(f"floor (1 core):  {n / floor:8.1f} samples/s  ({1000 * floor / n:.2f} ms/sample)")
     print(f"floor with cast stand-ins for the outputs (first version): {1000 * cast_floor / n:.2f} ms/sample"
           f" -> prep over it {one / cast_floor:.3f}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from genpan.coco_panoptic import MAX_SEGMENT_ID, write_panoptic_png
+from genpan.coco_panoptic import MAX_SEGMENT_ID, id_to_rgb, read_panoptic_png, write_panoptic_png
 
 DEFAULT_CATEGORIES: tuple[dict[str, Any], ...] = (
     *({"id": i, "name": f"thing{i}", "isthing": 1} for i in (1, 2, 3, 5, 8)),
@@ -233,3 +233,12 @@ def make_pair(
     write_coco_panoptic(paths["gt_json"], paths["gt_dir"], gt_images, categories)
     write_coco_panoptic(paths["pred_json"], paths["pred_dir"], pred_images, categories)
     return paths
+
+
+def resave_with_pil(folder: str | Path) -> None:
+    """Rewrite every panoptic PNG of `folder` with PIL's encoder, as COCO's own files were written (same
+    pixels; PIL chooses a filter per row, Paeth and Average included, unlike OpenCV's all-Sub rows)."""
+    from PIL import Image
+
+    for path in sorted(Path(folder).glob("*.png")):
+        Image.fromarray(id_to_rgb(read_panoptic_png(path))).save(path, format="PNG")

@@ -401,18 +401,16 @@ def test_png_folders_default_to_the_json_path_without_suffix(tmp_path):
 def test_run_length_path_equals_the_map_path(tmp_path):
     """pq_compute reads OpenCV-written PNGs as runs (never building the pixel map); PIL-written ones go
     through the decoded map. Both must give exactly pq_image's numbers on the maps."""
-    from PIL import Image
-
     from eval.pq_match import pq_image_runs
-    from genpan.coco_panoptic import PanopticRuns, id_to_rgb, load_panoptic_json, read_panoptic_png, read_panoptic_runs
+    from eval.pq_synth import resave_with_pil
+    from genpan.coco_panoptic import PanopticRuns, load_panoptic_json, read_panoptic_png, read_panoptic_runs
 
     paths = make_pair(tmp_path, 12, seed=5, size_range=(1, 40))
     gt_json, pred_json = load_panoptic_json(paths["gt_json"]), load_panoptic_json(paths["pred_json"])
     cats = CategoryTable.from_coco(gt_json["categories"])
     for pil_written in (False, True):
         if pil_written:  # same pixels, PIL's per-row filters: the runs come from the decoded map
-            for png in sorted(paths["gt_dir"].glob("*.png")):
-                Image.fromarray(id_to_rgb(read_panoptic_png(png))).save(png, format="PNG")
+            resave_with_pil(paths["gt_dir"])
         for g, p in zip(gt_json["annotations"], pred_json["annotations"], strict=True):
             gt_png, pred_png = paths["gt_dir"] / g["file_name"], paths["pred_dir"] / p["file_name"]
             gt_ids, pred_ids = read_panoptic_png(gt_png), read_panoptic_png(pred_png)
