@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import cv2
 import numpy as np
 
+from genpan.png import encode_gray_png
 from prep.readers.base import Category, Sample, canonical_json
 from prep.targets import DEFAULT_DIST_CLIP, DIST_SCALE, build_targets, encode_distance
 
@@ -74,15 +74,8 @@ def category_table(categories: Sequence[Category]) -> list[list[Any]]:
 
 # -- encoding one sample ------------------------------------------------------------------------------
 def encode_png(array: np.ndarray, compression: int) -> bytes:
-    # no scanline filter: label maps compress as well without one, and the loader's decode is then only
-    # an inflate (genpan/png.py); OpenCV's adaptive filters cost 3-4x more to undo
-    params = [cv2.IMWRITE_PNG_COMPRESSION, compression]
-    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11; older ones choose filters per row (still read fine)
-        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
-    ok, buf = cv2.imencode(".png", array, params)
-    if not ok:
-        raise RuntimeError(f"OpenCV failed to encode a {array.dtype} PNG")
-    return buf.tobytes()
+    """A label map (uint8/uint16, H × W) as PNG: filter None, zlib-ng deflate (genpan/png.py)."""
+    return encode_gray_png(np.ascontiguousarray(array), compression)
 
 
 def encode_depth_mm(depth_m: np.ndarray) -> np.ndarray:

@@ -144,3 +144,22 @@ def test_gray_alpha_and_palette_come_out_as_opencv_gives_them() -> None:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         np.testing.assert_array_equal(decode_png(buffer.getvalue()), opencv_reference(buffer.getvalue()))
+
+
+def test_encoder_round_trips_through_libpng() -> None:
+    from genpan.png import encode_gray_png
+
+    rng = np.random.default_rng(8)
+    for dtype in (np.uint8, np.uint16):
+        for h, w in [(1, 1), (1, 9), (13, 1), (31, 47)]:
+            array = label_like(rng, (h, w), dtype)
+            for level in (0, 1, 6, 9):
+                data = encode_gray_png(array, level)
+                np.testing.assert_array_equal(opencv_reference(data), array)  # a PNG libpng accepts, CRCs included
+                np.testing.assert_array_equal(decode_png(data), array)
+                assert png._decode_fast(memoryview(data)) is not None
+    for bad in [np.zeros((2, 2), np.int32), np.zeros((2, 2, 3), np.uint8), np.zeros((0, 4), np.uint8)]:
+        with pytest.raises(ValueError):
+            encode_gray_png(bad, 1)
+    with pytest.raises(ValueError):
+        encode_gray_png(np.zeros((2, 2), np.uint8), 10)
