@@ -124,17 +124,20 @@ def loader_throughput(shards: str, workers: int, batch: int, images: int) -> flo
     return seen / (time.perf_counter() - start)
 
 
-def make_shards(root: Path, num_images: int) -> Path:
+def make_shards(root: Path, num_images: int, min_size: int, max_size: int) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_data import write_synthetic_shards
 
-    return write_synthetic_shards(root, num_images, per_shard=32, min_size=128, max_size=256)
+    return write_synthetic_shards(root, num_images, per_shard=32, min_size=min_size, max_size=max_size)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", default="", help="shard folder or pattern (default: 256 synthetic images in a temp folder)")
     parser.add_argument("--workers", type=int, default=2, help="loader DataLoader workers")
+    parser.add_argument("--images", type=int, default=256, help="synthetic images to shard when --shards is not given")
+    parser.add_argument("--min-size", type=int, default=128, help="smallest side of the synthetic images (default 128)")
+    parser.add_argument("--max-size", type=int, default=256, help="largest side of the synthetic images (default 256)")
     parser.add_argument("--loader-batch", type=int, default=8, help="loader batch size")
     parser.add_argument("--cpu-batch", type=int, default=4, help="batch of the ViT-S CPU step")
     parser.add_argument("--cpu-steps", type=int, default=3, help="timed ViT-S CPU steps")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            shards = args.shards or str(make_shards(Path(tmp), 256))
+            shards = args.shards or str(make_shards(Path(tmp), args.images, args.min_size, args.max_size))
             urls = resolve_shards(shards)
             if not args.skip_steps:
                 cpu = torch.device("cpu")

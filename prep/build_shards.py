@@ -88,7 +88,8 @@ class SyntheticConfig:
 class ShardConfig:
     samples_per_shard: int = 64  # mean shard size (content-defined chunking; shards hold 1/4x..3x of it)
     prefix: str = "shard"  # shard files are {prefix}-{first key}.tar
-    dist_clip: float = 255.0  # px, stored: a change rebuilds every shard (EDS D and wmin are train-time)
+    dist_clip: float = 127.5  # px, stored: a change rebuilds every shard (EDS D and wmin are train-time)
+    dist_scale: int = 2  # dist.png = round(min(d, dist_clip)·dist_scale): 1/2 px in uint8 (1, 2, 4, ..., 64)
     png_compression: int = 1  # zlib level of sem/ins/dist/depth/disp PNGs (stored)
     write_depth: bool = True  # depth.png (mm) when the reader gives metric depth
 
@@ -130,7 +131,8 @@ class PrepConfig:
 
 
 def shard_params(cfg: PrepConfig, teacher_identity: str) -> ShardParams:
-    return ShardParams(cfg.shards.dist_clip, cfg.shards.png_compression, cfg.shards.write_depth, teacher_identity)
+    return ShardParams(cfg.shards.dist_clip, cfg.shards.png_compression, cfg.shards.write_depth, teacher_identity,
+                       cfg.shards.dist_scale)
 
 
 # -- readers ----------------------------------------------------------------------------------------------

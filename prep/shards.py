@@ -1,7 +1,7 @@
 """Shard samples and deterministic WebDataset tar shards (the "Shard sample" contract, docs/architecture.md).
 
 One sample = the source image bytes untouched (`jpg` or `png`), `sem.png` (uint8 train ids, 255 = void),
-`ins.png` (uint16 instance index), `dist.png` (uint16 = round(d·DIST_SCALE), d = px to the nearest
+`ins.png` (uint16 instance index), `dist.png` (round(d·dist_scale), uint8 by default, d = px to the nearest
 segment boundary, clipped), optional `depth.png` (uint16 mm) and `disp.png` (uint16 disparity·65535),
 and `json` (key, size, source path and hashes, segment table, prep version, parameters, categories).
 
@@ -33,9 +33,9 @@ import numpy as np
 
 from genpan.png import encode_gray_png
 from prep.readers.base import Category, Sample, canonical_json
-from prep.targets import DEFAULT_DIST_CLIP, DIST_SCALE, build_targets, encode_distance
+from prep.targets import DEFAULT_DIST_CLIP, DEFAULT_DIST_SCALE, build_targets, check_distance_storage, encode_distance
 
-PREP_VERSION = "1"  # bump when the bytes a shard holds for the same inputs change
+PREP_VERSION = "2"  # bump when the bytes a shard holds for the same inputs change (2: dist.png scale/uint8)
 FIELD_ORDER = ("jpg", "png", "sem.png", "ins.png", "dist.png", "depth.png", "disp.png", "json")
 DISP_SCALE = 65535  # disp.png stores round(disparity·65535), disparity in [0, 1]
 DEPTH_MM_MAX = 65535
@@ -50,15 +50,18 @@ class ShardParams:
     png_compression: int = 1  # zlib level of the label PNGs; part of the byte-exact output
     write_depth: bool = True  # depth.png when the reader gives metric depth
     teacher: str = ""  # identity of the disparity teacher ("" = no disp.png)
+    dist_scale: int = DEFAULT_DIST_SCALE  # dist.png = round(min(d, dist_clip)·dist_scale); uint8 when ≤ 255
 
     def __post_init__(self) -> None:
-        if not 0 < self.dist_clip * DIST_SCALE <= np.iinfo(np.uint16).max:
-            raise ValueError(f"shards.dist_clip must be in (0, {np.iinfo(np.uint16).max / DIST_SCALE}] px, got {self.dist_clip}")
+        try:
+            check_distance_storage(self.dist_clip, self.dist_scale)
+        except ValueError as exc:
+            raise ValueError(f"shards.dist_clip / shards.dist_scale: {exc}") from None
         if not 0 <= self.png_compression <= 9:
             raise ValueError(f"shards.png_compression must be 0..9, got {self.png_compression}")
 
     def stored(self) -> dict[str, Any]:
-        return {**asdict(self), "dist_scale": DIST_SCALE, "disp_scale": DISP_SCALE}
+        return {**asdict(self), "disp_scale": DISP_SCALE}
 
 
 def params_digest(params: ShardParams, categories: Sequence[Category]) -> str:
@@ -113,7 +116,7 @@ def encode_sample(
         targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip, sample.dense_index)
         fields["sem.png"] = encode_png(targets.sem, level)
         fields["ins.png"] = encode_png(targets.ins, level)
-        fields["dist.png"] = encode_png(encode_distance(targets.dist, params.dist_clip), level)
+        fields["dist.png"] = encode_png(encode_distance(targets.dist, params.dist_clip, params.dist_scale), level)
         segments = targets.segments
     if params.write_depth and sample.depth_m is not None:
         fields["depth.png"] = encode_png(encode_depth_mm(sample.depth_m), level)

@@ -221,6 +221,14 @@ def test_decode_sample_int16_maps_and_instance_limit():
     np.testing.assert_array_equal(out["ins"], ins.astype(np.int16))
     np.testing.assert_array_equal(out["dist"], np.minimum(dist, INT16_MAX).astype(np.int16))  # saturates, never wraps
     assert out["crowd"].tolist() == [False, False, True]
+    # current shards store half pixels in uint8 (params.dist_scale = 2): the batch unit stays 1/64 px
+    half_px = np.arange(30, dtype=np.uint8).reshape(6, 5) * 8
+    raw["dist.png"] = encode_png(half_px, 1)
+    raw["json"] = json.dumps({"segments": [], "params": {"dist_scale": 2}}).encode()
+    np.testing.assert_array_equal(decode_sample(raw)["dist"], half_px.astype(np.int16) * (DIST_SCALE // 2))
+    raw["json"] = json.dumps({"segments": [], "params": {"dist_scale": 3}}).encode()
+    with pytest.raises(ValueError, match="dist_scale"):
+        decode_sample(raw)
     raw["json"] = json.dumps({"segments": [{"ins": INT16_MAX + 1}]}).encode()
     with pytest.raises(ValueError, match="instances"):
         decode_sample(raw)

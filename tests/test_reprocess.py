@@ -85,5 +85,5 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys: pytest.Captur
     assert "shards.prefix" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         build_shards.main(["--help"])
-    assert exc.value.code == 0 and "--shards.dist_clip=255.0" in capsys.readouterr().out
+    assert exc.value.code == 0 and "--shards.dist_clip=127.5" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "o", ignore_errors=True)

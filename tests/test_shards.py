@@ -30,7 +30,7 @@ from prep.shards import (
     write_tar,
 )
 from prep.synthetic import generate_split
-from prep.targets import DIST_SCALE, build_targets, decode_distance, eds_weight, encode_distance
+from prep.targets import DEFAULT_DIST_SCALE, build_targets, decode_distance, eds_weight, encode_distance
 from prep.teachers import disparity_from_depth
 
 
@@ -71,7 +71,7 @@ def test_encoded_fields_match_the_target_functions(synth: Path) -> None:
         meta = json.loads(fields["json"])
         assert meta["segments"] == t.segments
         assert meta["source_path"] == f"train/{s.key}.jpg"
-        assert meta["params"]["dist_clip"] == 40.0 and meta["params"]["dist_scale"] == DIST_SCALE
+        assert meta["params"]["dist_clip"] == 40.0 and meta["params"]["dist_scale"] == DEFAULT_DIST_SCALE
         assert meta["hashes"]["source"] == s.source_hash
         assert [c[0] for c in meta["categories"]] == [c.id for c in reader.categories]
 
@@ -92,12 +92,12 @@ def test_eds_weights_from_the_stored_distance_follow_any_d_and_wmin(synth: Path)
     s = samples[0]
     fields = encode_sample(s, reader.categories, ShardParams(), None, synth)
     assert "D" not in json.loads(fields["json"])["params"]
-    stored = decode_distance(_decode(fields["dist.png"]))
-    t = build_targets(s.pan_ids, s.segments, {c.id: c.train_id for c in reader.categories}, set(), 255.0)
+    stored = decode_distance(_decode(fields["dist.png"]), DEFAULT_DIST_SCALE)
+    t = build_targets(s.pan_ids, s.segments, {c.id: c.train_id for c in reader.categories}, set(), ShardParams().dist_clip)
     for D, wmin in [(5.0, 0.0), (20.0, 0.1), (60.0, 0.5)]:
         exact = wmin + (1 - wmin) * np.exp(-(t.dist.astype(np.float64) ** 2) / D**2)  # eq. 5 on the exact distance
-        # 1/64 px quantisation: |dw/dd| <= (1 - wmin)·sqrt(2/e)/D
-        bound = (1 - wmin) * np.sqrt(2 / np.e) / D * (0.5 / DIST_SCALE) + 1e-6
+        # quantisation to 1/scale px: |dw/dd| <= (1 - wmin)·sqrt(2/e)/D
+        bound = (1 - wmin) * np.sqrt(2 / np.e) / D * (0.5 / DEFAULT_DIST_SCALE) + 1e-6
         assert np.abs(eds_weight(stored, D, wmin) - exact).max() <= bound
 
 
@@ -206,8 +206,10 @@ def test_params_digest_tracks_stored_parameters_only(synth: Path) -> None:
     assert params_digest(ShardParams(), reader.categories) == base
     assert params_digest(ShardParams(dist_clip=100.0), reader.categories) != base
     assert params_digest(ShardParams(teacher="t"), reader.categories) != base
-    with pytest.raises(ValueError, match="dist_clip"):
-        ShardParams(dist_clip=2000.0)
+    assert params_digest(ShardParams(dist_scale=4, dist_clip=63.75), reader.categories) != base
+    for bad in [{"dist_clip": 40000.0}, {"dist_scale": 3}, {"dist_clip": 0.0}]:
+        with pytest.raises(ValueError, match="dist_clip"):
+            ShardParams(**bad)
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:

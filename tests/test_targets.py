@@ -83,11 +83,18 @@ def test_void_is_a_segment_of_its_own() -> None:
 
 
 def test_distance_encoding_roundtrip() -> None:
-    d = np.array([[0.0, 1.0, math.sqrt(2), 300.0]], np.float32)
-    enc = encode_distance(d, clip=255.0)
-    assert enc.dtype == np.uint16 and enc[0, 3] == 255 * DIST_SCALE
-    np.testing.assert_allclose(decode_distance(enc), np.minimum(d, 255.0), atol=0.5 / DIST_SCALE)
+    d = np.array([[0.0, 1.0, math.sqrt(2), 0.24, 0.26, 300.0]], np.float32)
+    enc = encode_distance(d)  # default: half pixels up to 127.5 px, uint8
+    assert enc.dtype == np.uint8 and enc.tolist() == [[0, 2, 3, 0, 1, 255]]
+    np.testing.assert_allclose(decode_distance(enc), np.minimum(d, 127.5), atol=0.25 + 1e-6)
+    legacy = encode_distance(d, clip=255.0, scale=DIST_SCALE)  # PREP_VERSION 1: 1/64 px, uint16
+    assert legacy.dtype == np.uint16 and legacy[0, 5] == 255 * DIST_SCALE
+    np.testing.assert_allclose(decode_distance(legacy, DIST_SCALE), np.minimum(d, 255.0), atol=0.5 / DIST_SCALE)
     np.testing.assert_allclose(decode_distance(torch.from_numpy(enc.astype(np.int32))).numpy(), decode_distance(enc))
+    assert encode_distance(d, clip=200.0, scale=2).dtype == np.uint16  # 400 does not fit a byte
+    for clip, scale in [(127.5, 3), (0.0, 2), (2000.0, 64)]:
+        with pytest.raises(ValueError):
+            encode_distance(d, clip, scale)
 
 
 def test_segment_stats_matches_loops() -> None:

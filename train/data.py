@@ -42,7 +42,7 @@ from torch import Tensor
 
 from genpan.png import PNGError, decode_png
 from prep.shards import DISP_SCALE, check_sample_key
-from prep.targets import IGNORE
+from prep.targets import DIST_SCALE, DIST_SCALES, IGNORE
 from train.tar_samples import tar_samples
 
 DEPTH_TARGETS = ("none", "disp", "depth")
@@ -148,6 +148,22 @@ def _png(data: bytes, what: str, key: str) -> np.ndarray:
         raise ValueError(f"sample {key}: cannot decode {what}") from None
 
 
+def _batch_distance(stored: np.ndarray, meta: dict[str, Any], key: str) -> np.ndarray:
+    """dist.png values at the shard's scale (json params.dist_scale; 64 before PREP_VERSION 2) → int16 in
+    1/DIST_SCALE px, saturating at 32767 / 64 = 512 px, where every EDS weight is already wmin."""
+    scale = int(meta.get("params", {}).get("dist_scale", DIST_SCALE))
+    if scale not in DIST_SCALES:
+        raise ValueError(f"sample {key}: dist_scale {scale} is not one of {DIST_SCALES}")
+    factor = DIST_SCALE // scale
+    if stored.dtype == np.uint8 and factor * 255 <= INT16_MAX:  # the default: a widening multiply, no clip
+        out = stored.astype(np.int16)
+        out *= factor
+        return out
+    if factor == 1:
+        return np.minimum(stored, INT16_MAX).view(np.int16) if stored.dtype == np.uint16 else stored.astype(np.int16)
+    return np.minimum(stored.astype(np.int32) * factor, INT16_MAX).astype(np.int16)
+
+
 def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
     """Raw tar members of one sample → numpy arrays: image (H, W, 3) RGB uint8, sem, ins, dist, crowd flags."""
     key = check_sample_key(raw["__key__"], f"shard {raw.get('__url__', '?')}")
@@ -170,10 +186,9 @@ def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
         "key": key,
         "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
         "sem": _png(raw["sem.png"], "sem.png", key),
-        # int16 halves what workers copy to the trainer: instance indices are < 2^15 (checked above) and
-        # distances saturate at 32767 / DIST_SCALE = 512 px, where every EDS weight is already wmin
+        # int16 halves what workers copy to the trainer: instance indices are < 2^15 (checked above)
         "ins": _png(raw["ins.png"], "ins.png", key).view(np.int16),
-        "dist": np.minimum(_png(raw["dist.png"], "dist.png", key), INT16_MAX).view(np.int16),
+        "dist": _batch_distance(_png(raw["dist.png"], "dist.png", key), meta, key),
         "crowd": crowd,
     }
     if depth != "none":
