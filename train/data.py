@@ -329,6 +329,8 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: spawn, the only clean start there
+        return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["train.data"])  # workers fork from a server that has torch and cv2 imported
     return context
