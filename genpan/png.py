@@ -1,15 +1,17 @@
-"""PNG decoding on the hot paths (the loader's label maps, PQ's panoptic PNGs).
+"""PNG codec for the hot paths: the loader's label maps, prep's output PNGs, PQ's panoptic PNGs.
 
 libpng spends most of a label map's decode in zlib's inflate, which is slow on the long runs these
-files are made of. This decoder parses the chunks itself, inflates with zlib-ng when the `zlib-ng`
-package is installed (≈10× faster than zlib on these streams; stdlib zlib otherwise, same bytes), and
-undoes the scanline filters with numpy. Only filters None, Sub and Up are vectorisable; they are what
-OpenCV writes (always Sub), so every PNG of this project's shards and predictions takes the fast path.
-Anything else (Average/Paeth rows as PIL writes, palettes, interlacing, bit depths < 8) is handed to
-OpenCV, so the result never depends on which path ran.
+files are made of. `decode_png` parses the chunks itself, inflates with zlib-ng (≈10× faster than zlib
+on these streams; stdlib zlib if the package is missing, same bytes) and undoes the scanline filters
+None, Sub and Up with numpy: what this project writes (None, `encode_gray_png`) and what OpenCV writes
+(Sub) never touch libpng. Average/Paeth rows (PIL's files, e.g. COCO's ground truth) need a sequential
+unfilter: the stream is inflated here and handed to libpng as stored deflate blocks, so libpng only
+unfilters. Palette, gray+alpha, interlaced and < 8-bit files go to OpenCV as they are. Every path gives
+the array libpng gives.
 
-The output is in PNG channel order (gray, gray+alpha, RGB, RGBA), uint8 or native-endian uint16, the
-shape OpenCV's IMREAD_UNCHANGED gives without its BGR reordering.
+`decode_png` returns PNG channel order (gray, RGB, RGBA; gray+alpha comes out as RGBA, as OpenCV
+expands it), uint8 or native-endian uint16. `rgb_runs_fast` reads an OpenCV-written RGB file as
+horizontal runs without building the pixel map (eval/pq.py).
 """
 
 from __future__ import annotations
