@@ -166,11 +166,12 @@ def rgb_runs_fast(data: bytes | memoryview) -> tuple[tuple[int, int], np.ndarray
         return None
     diff = rows[:, 1:].reshape(height, width, 3)
     # a pixel's three bytes read as one little-endian word (plus the next byte, masked off): one test per
-    # pixel instead of three; one spare byte at the end keeps the last word inside the buffer
-    padded = np.zeros(rows.size + 1, np.uint8)
-    padded[:-1] = rows.ravel()
-    words = np.ndarray((height, width), dtype="<u4", buffer=padded, offset=1, strides=(rows.shape[1], 3))
-    changed = (words & 0xFFFFFF) != 0
+    # pixel instead of three. The last row's last word would end past the buffer: that row tests bytes.
+    changed = np.empty((height, width), dtype=bool)
+    words = np.ndarray((height - 1, width), dtype="<u4", buffer=rows, offset=1, strides=(rows.shape[1], 3))
+    np.not_equal(words & 0xFFFFFF, 0, out=changed[:-1])
+    last = diff[-1]
+    changed[-1] = (last[:, 0] != 0) | (last[:, 1] != 0) | (last[:, 2] != 0)
     changed[:, 0] = True
     starts = np.flatnonzero(changed)
     steps = diff.reshape(-1, 3)[starts].astype(np.int64)
