@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID, PanopticRuns
+from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID, PanopticRuns, row_run_starts
 
 # Segment record kinds. TP and FN rows carry the GT area, FP rows the predicted area (pq_by_size).
 TP, FN, FP = 0, 1, 2
@@ -193,13 +193,8 @@ def pq_image(
     if gt_ids.shape != pred_ids.shape:
         raise PQInputError(f"{name}: prediction size {pred_ids.shape} differs from ground truth size {gt_ids.shape}")
     # runs on which both maps are constant: one comparison pass, then work per run, not per pixel
-    h, w = gt_ids.shape
-    changed = np.empty((h, w), dtype=bool)
-    changed[:, 0] = True
-    np.not_equal(gt_ids[:, 1:], gt_ids[:, :-1], out=changed[:, 1:])
-    changed[:, 1:] |= pred_ids[:, 1:] != pred_ids[:, :-1]
-    starts = np.flatnonzero(changed)
-    runs = (gt_ids.ravel()[starts], pred_ids.ravel()[starts], np.diff(starts, append=h * w))
+    starts = row_run_starts(gt_ids, pred_ids)
+    runs = (gt_ids.ravel()[starts], pred_ids.ravel()[starts], np.diff(starts, append=gt_ids.size))
     return _match(*runs, gt_segments, pred_segments, categories, name)
 
 

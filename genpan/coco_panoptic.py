@@ -67,12 +67,20 @@ class PanopticRuns:
 
     @classmethod
     def of_map(cls, ids: np.ndarray) -> PanopticRuns:
-        h, w = ids.shape
-        changed = np.empty((h, w), dtype=bool)
-        changed[:, 0] = True
-        np.not_equal(ids[:, 1:], ids[:, :-1], out=changed[:, 1:])
-        starts = np.flatnonzero(changed)
-        return cls((h, w), starts, ids.ravel()[starts])
+        starts = row_run_starts(ids)
+        return cls(ids.shape, starts, ids.ravel()[starts])
+
+
+def row_run_starts(*maps: np.ndarray) -> np.ndarray:
+    """Flat indices where a horizontal run starts in any of the equally shaped 2-D `maps`: each row's
+    first pixel and every pixel that differs from its left neighbour in one of them."""
+    h, w = maps[0].shape
+    changed = np.empty((h, w), dtype=bool)
+    changed[:, 0] = True
+    np.not_equal(maps[0][:, 1:], maps[0][:, :-1], out=changed[:, 1:])
+    for other in maps[1:]:
+        changed[:, 1:] |= other[:, 1:] != other[:, :-1]
+    return np.flatnonzero(changed)
 
 
 def decode_panoptic_runs(data: bytes, name: str = "<bytes>") -> PanopticRuns:

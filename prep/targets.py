@@ -25,6 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from genpan.coco_panoptic import row_run_starts
+
 IGNORE = 255
 NO_INSTANCE = 0
 # dist.png stores round(min(d, clip) · scale); the scale is a shard parameter (json params.dist_scale).
@@ -119,10 +121,7 @@ def _stats_from_dense(dense: np.ndarray, segment_ids: Sequence[int]) -> list[Seg
     hundreds of thousands of pixels, so one comparison pass finds them and the rest is per run."""
     h, w = dense.shape
     k = len(segment_ids) + 1
-    change = np.empty((h, w), dtype=bool)
-    change[:, 0] = True  # every row starts a run, so no run crosses a row end
-    np.not_equal(dense[:, 1:], dense[:, :-1], out=change[:, 1:])
-    starts = np.flatnonzero(change)
+    starts = row_run_starts(dense)  # every row starts a run, so no run crosses a row end
     lengths = np.diff(starts, append=h * w)
     vals = dense.ravel()[starts].astype(np.intp)
     vals[vals == UNLISTED] = 0  # unlisted ids count as void, as the map's other users read them

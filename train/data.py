@@ -148,6 +148,11 @@ def _png(data: bytes, what: str, key: str) -> np.ndarray:
         raise ValueError(f"sample {key}: cannot decode {what}") from None
 
 
+def _int16(values: np.ndarray) -> np.ndarray:
+    """uint16 values known to be < 2^15 reinterpreted without a copy; any other dtype converted."""
+    return values.view(np.int16) if values.dtype == np.uint16 else values.astype(np.int16)
+
+
 def _batch_distance(stored: np.ndarray, meta: dict[str, Any], key: str) -> np.ndarray:
     """dist.png values at the shard's scale (json params.dist_scale; 64 before PREP_VERSION 2) → int16 in
     1/DIST_SCALE px, saturating at 32767 / 64 = 512 px, where every EDS weight is already wmin."""
@@ -160,7 +165,7 @@ def _batch_distance(stored: np.ndarray, meta: dict[str, Any], key: str) -> np.nd
         out *= factor
         return out
     if factor == 1:
-        return np.minimum(stored, INT16_MAX).view(np.int16) if stored.dtype == np.uint16 else stored.astype(np.int16)
+        return _int16(np.minimum(stored, INT16_MAX))
     return np.minimum(stored.astype(np.int32) * factor, INT16_MAX).astype(np.int16)
 
 
@@ -187,7 +192,7 @@ def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
         "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
         "sem": _png(raw["sem.png"], "sem.png", key),
         # int16 halves what workers copy to the trainer: instance indices are < 2^15 (checked above)
-        "ins": _png(raw["ins.png"], "ins.png", key).view(np.int16),
+        "ins": _int16(_png(raw["ins.png"], "ins.png", key)),
         "dist": _batch_distance(_png(raw["dist.png"], "dist.png", key), meta, key),
         "crowd": crowd,
     }
