@@ -34,12 +34,12 @@ CHANNELS = {0: 1, 2: 3, 6: 4}
 NONE, SUB, UP = 0, 1, 2
 
 
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + _inflater.crc32(kind + body).to_bytes(4, "big")
+
+
 class PNGError(ValueError):
     """The bytes are not a decodable PNG."""
-
-
-def fast_inflate_available() -> bool:
-    return _inflater is not zlib
 
 
 def decode_png(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
@@ -82,11 +82,8 @@ def encode_gray_png(array: np.ndarray, level: int) -> bytes:
     rows = np.zeros((h, 1 + w * array.dtype.itemsize), np.uint8)  # column 0: filter type None
     rows[:, 1:].view(">u2" if depth == 16 else np.uint8)[:] = array
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + _inflater.crc32(kind + body).to_bytes(4, "big")
-
     header = struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0)
-    return SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", _inflater.compress(rows, level)) + chunk(b"IEND", b"")
+    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", _inflater.compress(rows, level)) + _chunk(b"IEND", b"")
 
 
 def _inflate_rows(buffer: memoryview) -> tuple[np.ndarray, int, int, int, int] | None:
@@ -127,11 +124,8 @@ def _decode_fast(buffer: memoryview) -> np.ndarray | None:
 
 def _stored_png(buffer: memoryview, rows: np.ndarray) -> memoryview:
     """The same image as one IDAT of stored (uncompressed) deflate blocks, with the original IHDR."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return len(body).to_bytes(4, "big") + kind + body + _inflater.crc32(kind + body).to_bytes(4, "big")
-
     ihdr = bytes(buffer[8:33])  # length, type, 13 bytes, CRC
-    return memoryview(SIGNATURE + ihdr + chunk(b"IDAT", _inflater.compress(rows.data, 0)) + chunk(b"IEND", b""))
+    return memoryview(SIGNATURE + ihdr + _chunk(b"IDAT", _inflater.compress(rows.data, 0)) + _chunk(b"IEND", b""))
 
 
 def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: int) -> np.ndarray | None:
