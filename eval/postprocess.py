@@ -126,8 +126,8 @@ def decode_embeddings(inst: Any, grid_size: int, chunk: int = 1 << 16) -> Decode
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     for start in range(0, emb.shape[0], chunk):
         e = emb[start : start + chunk]
-        su_max, a = (e[:, : 2 * L] @ table.T).max(dim=1)  # max dot product = min distance, since ‖γ‖² = L
-        sv_max, b = (e[:, 2 * L :] @ table.T).max(dim=1)
+        su_max, a = row_max(e[:, : 2 * L] @ table.T)  # max dot product = min distance, since ‖γ‖² = L
+        sv_max, b = row_max(e[:, 2 * L :] @ table.T)
         for part, t in zip(parts, (a, b, su_max + sv_max, (e * e).sum(dim=1))):
             part.append(t)
     a, b, dot, norm2 = (torch.cat(p) if p else torch.zeros(0, device=emb.device) for p in parts)
@@ -135,6 +135,41 @@ def decode_embeddings(inst: Any, grid_size: int, chunk: int = 1 << 16) -> Decode
     code_norm = math.sqrt(2.0 * L)  # ‖[γ(u), γ(v)]‖
     agreement = (dot / (norm2.sqrt() * code_norm).clamp_min(1e-12)).clamp(0.0, 1.0)
     return Decoded(a.long(), b.long(), dist2, norm2, agreement)
+
+
+def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, first argmax) of each row of a (P, G) table, as `scores.max(dim=1)`.
+
+    On the CPU torch's max-with-indices runs ~4× slower than numpy's vectorised argmax along a row
+    (measured at P = 65536, G = 80), so the index comes from numpy and the value from a gather.
+    """
+    if scores.device.type != "cpu" or scores.shape[1] == 0:
+        return scores.max(dim=1)
+    index = torch.from_numpy(scores.detach().numpy().argmax(axis=1))
+    return scores.gather(1, index[:, None]).squeeze(1), index
+
+
+def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top logit, first top class) of each pixel of (C, P) logits, as `logits.max(dim=0)`.
+
+    On the CPU a max-with-indices across the outer dimension is ~8× slower than `amax` (306 vs 37 ms
+    for C = 133 at 480²); the first class reaching the max is found by filling from the last class down.
+    """
+    if logits.device.type != "cpu" or logits.shape[0] == 0:
+        return logits.max(dim=0)
+    top = logits.amax(dim=0)
+    label = torch.empty(logits.shape[1], dtype=torch.long)
+    for c in range(logits.shape[0] - 1, -1, -1):
+        label.masked_fill_(logits[c] == top, c)
+    return top, label
+
+
+def take_columns(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`x[:, mask]` for a (C, P) tensor; on the CPU numpy's take along axis 1 is ~3× faster than
+    torch's boolean or index_select gather across the inner dimension (C = 133 at 480²)."""
+    if x.device.type != "cpu":
+        return x[:, mask]
+    return torch.from_numpy(np.take(x.detach().numpy(), np.flatnonzero(mask.numpy()), axis=1))
 
 
 def postprocess(
@@ -162,7 +197,7 @@ def postprocess(
     is_thing_class[thing_ids] = True
 
     logits = sem_t.reshape(C, -1)  # C, P
-    top_logit, label = logits.max(dim=0)
+    top_logit, label = top_class(logits)
     if cfg.void_prob_threshold > 0:  # top probability = 1 / Σ exp(l − l_max)
         confident = (logits - top_logit).exp().sum(dim=0) <= 1.0 / cfg.void_prob_threshold
     else:
@@ -177,9 +212,20 @@ def postprocess(
         thing &= False
 
     # class statistics only where they are used: on thing pixels (C reductions over P are the cost)
-    thing_logits = logits[:, thing]  # C, P_thing
-    thing_prob = thing_logits.softmax(dim=0)[is_thing_class].sum(dim=0)
-    thing_label = thing_logits[is_thing_class].argmax(dim=0).cpu().numpy() if thing_ids else None
+    thing_logits = take_columns(logits, thing)  # C, P_thing
+    # Σ over thing classes of the softmax, in one exp pass shifted by the top logit already at hand; the
+    # (2, C) @ (C, P) product sums the thing rows and all rows at once without gathering either
+    shifted = (thing_logits - top_logit[thing]).exp_()
+    sums = torch.stack([is_thing_class, torch.ones_like(is_thing_class)]).to(shifted.dtype) @ shifted
+    thing_prob = sums[0] / sums[1]
+    thing_label = None
+    if thing_ids and cfg.thing_mode == "semantic":
+        # a thing pixel's top class is a thing class, so it is also its top thing class: no second argmax
+        position = torch.full((C,), -1, dtype=torch.long, device=sem_t.device)
+        position[thing_ids] = torch.arange(len(thing_ids), device=sem_t.device)
+        thing_label = position[label[thing]].cpu().numpy()
+    elif thing_ids:
+        thing_label = thing_logits[is_thing_class].argmax(dim=0).cpu().numpy()
 
     # per-cell statistics of thing pixels: the only per-pixel reductions grouping needs
     cell = dec.b * G + dec.a  # row-major over (v, u)

@@ -14,6 +14,9 @@ from eval.postprocess import (
     ideal_outputs,
     matrix_nms_decay,
     postprocess,
+    row_max,
+    take_columns,
+    top_class,
 )
 from prep.targets import pe_target
 
@@ -547,3 +550,22 @@ def test_baseline_encodings_decode_like_pe() -> None:
         assert torch.equal(got.a, want.a) and torch.equal(got.b, want.b), enc
     with pytest.raises(ValueError, match="3 channels"):
         as_pe_embeddings(uvcls, "rgb", L, bins)
+
+
+def test_cpu_reductions_equal_torch_including_ties() -> None:
+    """The CPU fast paths of the per-pixel reductions give torch's values and first-max indices."""
+    gen = torch.Generator().manual_seed(0)
+    # integer-valued logits: many exact ties, where "first maximal index" is what must hold
+    logits = torch.randint(0, 4, (7, 500), generator=gen).float()
+    top, label = top_class(logits)
+    ref_top, ref_label = logits.max(dim=0)
+    assert torch.equal(top, ref_top) and torch.equal(label, ref_label)
+    first = [int(next(c for c in range(7) if logits[c, p] == logits[:, p].max())) for p in range(500)]
+    assert label.tolist() == first  # the slow obvious definition, independent of torch's tie rule
+    scores = torch.randint(0, 3, (300, 9), generator=gen).float()
+    val, idx = row_max(scores)
+    ref_val, ref_idx = scores.max(dim=1)
+    assert torch.equal(val, ref_val) and torch.equal(idx, ref_idx)
+    mask = torch.rand(500, generator=gen) < 0.3
+    assert torch.equal(take_columns(logits, mask), logits[:, mask])
+    assert take_columns(logits, torch.zeros(500, dtype=torch.bool)).shape == (7, 0)
