@@ -11,7 +11,12 @@ floor  = one core, no Ray: read the image bytes, read and decode the label PNG, 
          map instead of the outputs: those compress like flat labels, while a real distance map costs
          ~4x more to encode, so that floor understated the unavoidable work.
 Each is timed --repeats times and the fastest counts (the machine may be shared).
-Also: prep with num_cpus=2 (scaling from 1 to 2 workers) and a per-function breakdown of build_targets.
+Also: prep with num_cpus=2 (scaling from 1 to 2 workers), a per-function breakdown of build_targets, and
+the two steps between the floor and prep, timed on the same samples:
+  floor + targets = the floor plus `build_targets` (the exact distance transform, sem/ins, segment table):
+                    what prep would cost if reading, validating, hashing, JSON, tar, manifest and Ray were
+                    free; its ratio to the floor is a lower bound for prep_over_floor as the contract stands.
+  in-process      = `build_shard` called shard by shard in this process (everything but Ray and planning).
 Ends with `RESULT prep_over_floor=<seconds per sample of prep / of the floor>` (goal <= 1.5).
 """
 
@@ -41,12 +46,13 @@ from prep.build_shards import (
     ShardConfig,
     SyntheticConfig,
     TeacherConfig,
+    build_shard,
     connect_ray,
     run,
 )
 from prep.readers.base import Sample
 from prep.readers.coco import coco_layout
-from prep.shards import encode_png
+from prep.shards import ShardParams, encode_png
 from prep.synthetic import SceneConfig, generate_split
 from prep.targets import boundary_distance, build_targets, encode_distance, instance_map, segment_stats, semantic_map
 
@@ -105,6 +111,30 @@ def prep_seconds(data: Path, scratch: Path, num_cpus: int, per_shard: int, repea
         return min(times)
     finally:
         ray.shutdown()
+
+
+def targets_seconds(refs: list, reader) -> float:
+    """Seconds of build_targets alone over every sample (loaded and validated before the clock starts)."""
+    samples = [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
+    cats = reader.categories
+    train_id_of = {c.id: c.train_id for c in cats}
+    things = {c.id for c in cats if c.isthing}
+    t0 = time.perf_counter()
+    for s in samples:
+        build_targets(s.pan_ids, s.segments, train_id_of, things, dense=s.dense_index)
+    return time.perf_counter() - t0
+
+
+def in_process_seconds(refs: list, reader, scratch: Path, per_shard: int, compression: int) -> float:
+    """Seconds of build_shard over every sample in this process: load, validate, hash, targets, encode, tar."""
+    params = ShardParams(png_compression=compression, write_depth=False)
+    fingerprints = {r.key: "" for r in refs}
+    scratch.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for i in range(0, len(refs), per_shard):
+        build_shard(str(scratch), f"inproc-{i:06d}.tar", refs[i : i + per_shard], fingerprints, "", [reader],
+                    list(reader.categories), params, "")
+    return time.perf_counter() - t0
 
 
 def breakdown(refs: list, reader) -> dict[str, float]:
@@ -167,12 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         one = prep_seconds(data, tmp_path, 1, args.per_shard, args.repeats)
         floor, cast_floor = (min(a, b) for a, b in zip((floor, cast_floor), floors(), strict=True))  # before and after
         two = None if args.skip_scaling else prep_seconds(data, tmp_path, 2, args.per_shard, args.repeats)
+        targets = min(targets_seconds(refs, reader) for _ in range(args.repeats))
+        inproc = min(in_process_seconds(refs, reader, tmp_path / f"inproc{i}", args.per_shard, args.compression)
+                     for i in range(args.repeats))
         parts = breakdown(refs, reader)
     n = len(refs)
     print(f"images: {n} of {args.min_size}-{args.max_size} px; PNG compression {args.compression}; GT PNGs by {args.gt_writer}")
     print(f"floor (1 core):  {n / floor:8.1f} samples/s  ({1000 * floor / n:.2f} ms/sample)")
     print(f"floor with cast stand-ins for the outputs (first version): {1000 * cast_floor / n:.2f} ms/sample"
           f" -> prep over it {one / cast_floor:.3f}")
+    print(f"floor + targets:  {1000 * (floor + targets) / n:.2f} ms/sample -> lower bound of prep over floor "
+          f"{(floor + targets) / floor:.3f} (targets alone {targets / floor:.3f}x the floor)")
+    print(f"in-process build_shard (no Ray, no planning): {1000 * inproc / n:.2f} ms/sample -> over floor {inproc / floor:.3f}")
     print(f"prep  (1 worker): {n / one:8.1f} samples/s  ({1000 * one / n:.2f} ms/sample)")
     if two is not None:
         print(f"prep  (2 workers): {n / two:7.1f} samples/s  (speed-up {one / two:.2f}x over 1 worker)")
