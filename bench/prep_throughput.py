@@ -68,11 +68,14 @@ def floor_seconds(refs: list, compression: int) -> float:
     return time.perf_counter() - t0
 
 
+def category_lookups(reader) -> tuple[dict[int, int], set[int]]:
+    """(category id → train id, thing category ids) of a reader, as build_targets takes them."""
+    return {c.id: c.train_id for c in reader.categories}, {c.id for c in reader.categories if c.isthing}
+
+
 def output_arrays(refs: list, reader) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(sem, ins, stored dist) of every sample, as prep writes them; computed outside the timed floor."""
-    cats = reader.categories
-    train_id_of = {c.id: c.train_id for c in cats}
-    things = {c.id for c in cats if c.isthing}
+    train_id_of, things = category_lookups(reader)
     out = []
     for ref in refs:
         s = reader.load(ref)
@@ -116,9 +119,7 @@ def prep_seconds(data: Path, scratch: Path, num_cpus: int, per_shard: int, repea
 def targets_seconds(refs: list, reader) -> float:
     """Seconds of build_targets alone over every sample (loaded and validated before the clock starts)."""
     samples = [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
-    cats = reader.categories
-    train_id_of = {c.id: c.train_id for c in cats}
-    things = {c.id for c in cats if c.isthing}
+    train_id_of, things = category_lookups(reader)
     t0 = time.perf_counter()
     for s in samples:
         build_targets(s.pan_ids, s.segments, train_id_of, things, dense=s.dense_index)
@@ -140,9 +141,7 @@ def in_process_seconds(refs: list, reader, scratch: Path, per_shard: int, compre
 def breakdown(refs: list, reader) -> dict[str, float]:
     """Seconds per sample of each target function on the same samples."""
     samples = [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
-    cats = reader.categories
-    train_id_of = {c.id: c.train_id for c in cats}
-    things = {c.id for c in cats if c.isthing}
+    train_id_of, things = category_lookups(reader)
     parts = {
         "semantic_map": lambda s: semantic_map(s.pan_ids, s.segments, train_id_of),
         "instance_map": lambda s: instance_map(s.pan_ids, s.segments, things),
