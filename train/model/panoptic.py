@@ -100,6 +100,10 @@ class ModelConfig:
 def tiny_cpu_config(**overrides) -> ModelConfig:
     """The from-scratch CPU demo model: ViT embed 192, depth 6, 3 heads, 112 px, sin-cos pos_embed + coord features.
 
+    Architecture only: heads keep ModelConfig's defaults (133 classes, inst_channels 16 = 4L with L = 4,
+    no depth head) unless overridden; `train/configs/tiny_cpu.toml` is the demo's source of truth and sets
+    num_classes 8, inst_channels 8 (L = 2) and the depth head.
+
     Decoder width 128, not 256: on 2 CPU cores a training step at batch 8 takes ~0.25 s instead of ~3.3 s
     (PyTorch's CPU transposed convolution slows down sharply at width 256).
     """
