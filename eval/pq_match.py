@@ -8,6 +8,7 @@ training) use it directly; `pq_compute` runs it over files.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,8 +67,9 @@ class CategoryTable:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def index(self) -> dict[int, int]:
+        """Category id → position; built once per table (cached_property writes past the frozen fields)."""
         return {cat_id: i for i, cat_id in enumerate(self.ids)}
 
 
@@ -92,18 +94,18 @@ class _Segments:
 
 
 def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, int], where: str) -> _Segments:
-    ids = np.empty(len(segments), np.int64)
-    cat = np.empty(len(segments), np.int64)
-    crowd = np.zeros(len(segments), bool)
-    json_area = np.full(len(segments), -1, np.int64)
     if not isinstance(segments, Sequence) or isinstance(segments, str):
         raise PQInputError(f"{where}: segments_info must be a list, got {type(segments).__name__}")
-    for k, seg in enumerate(segments):
+    # plain lists, one array each at the end: per-element numpy writes cost more than the parsing
+    ids, cat, crowd, json_area = [], [], [], []
+    for seg in segments:
         try:
             seg_id, cat_id = int(seg["id"]), int(seg["category_id"])
-            crowd[k] = int(seg.get("iscrowd", 0)) == 1
-            if "area" in seg:
-                json_area[k] = int(seg["area"])
+            crowd.append(int(seg.get("iscrowd", 0)) == 1)
+            area = int(seg["area"]) if "area" in seg else -1
+            if not -(1 << 63) <= area < 1 << 63:
+                raise OverflowError  # as writing it into the int64 array would
+            json_area.append(area)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise PQInputError(f"{where}: every segment needs integer 'id' and 'category_id' (and integer "
                                f"'iscrowd'/'area' if given); got {seg!r}") from None
@@ -111,11 +113,12 @@ def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, 
             raise PQInputError(f"{where}: segment id {seg_id} outside [1, {MAX_SEGMENT_ID}] (0 is void)")
         if cat_id not in cat_index:
             raise PQInputError(f"{where}: segment {seg_id} has unknown category_id {cat_id}")
-        ids[k], cat[k] = seg_id, cat_index[cat_id]
-    if len(np.unique(ids)) != len(ids):
-        dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})
+        ids.append(seg_id)
+        cat.append(cat_index[cat_id])
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
         raise PQInputError(f"{where}: duplicate segment ids {dup} in the JSON")
-    return _Segments(ids, cat, crowd, json_area)
+    return _Segments(np.array(ids, np.int64), np.array(cat, np.int64), np.array(crowd, bool), np.array(json_area, np.int64))
 
 
 _lut_store = threading.local()
