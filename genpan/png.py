@@ -11,7 +11,8 @@ the array libpng gives.
 
 `decode_png` returns PNG channel order (gray, RGB, RGBA; gray+alpha comes out as RGBA, as OpenCV
 expands it), uint8 or native-endian uint16. `rgb_runs_fast` reads an OpenCV-written RGB file as
-horizontal runs without building the pixel map (eval/pq.py).
+horizontal runs without building the pixel map, `rgb_run_pair_fast` two such files at once (the runs on
+which both are constant: eval/pq.py's GT and prediction).
 """
 
 from __future__ import annotations
