@@ -8,6 +8,7 @@ training) use it directly; `pq_compute` runs it over files.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ SEGMENT_DTYPE = np.dtype(
 )
 # Above this many (GT × prediction) index pairs a dense bincount costs more than sorting the pixels.
 _DENSE_PAIR_LIMIT = 1 << 22
+# Up to this many (GT × prediction) index pairs the matching works on the full intersection matrix: a
+# few dozen numpy calls on a small table cost less than the sparse pair bookkeeping.
+_DENSE_MATCH_LIMIT = 1 << 14
 
 
 class PQInputError(ValueError):
@@ -66,8 +70,9 @@ class CategoryTable:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def index(self) -> dict[int, int]:
+        """Category id → position; built once per table (cached_property writes past the frozen fields)."""
         return {cat_id: i for i, cat_id in enumerate(self.ids)}
 
 
@@ -92,18 +97,18 @@ class _Segments:
 
 
 def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, int], where: str) -> _Segments:
-    ids = np.empty(len(segments), np.int64)
-    cat = np.empty(len(segments), np.int64)
-    crowd = np.zeros(len(segments), bool)
-    json_area = np.full(len(segments), -1, np.int64)
     if not isinstance(segments, Sequence) or isinstance(segments, str):
         raise PQInputError(f"{where}: segments_info must be a list, got {type(segments).__name__}")
-    for k, seg in enumerate(segments):
+    # plain lists, one array each at the end: per-element numpy writes cost more than the parsing
+    ids, cat, crowd, json_area = [], [], [], []
+    for seg in segments:
         try:
             seg_id, cat_id = int(seg["id"]), int(seg["category_id"])
-            crowd[k] = int(seg.get("iscrowd", 0)) == 1
-            if "area" in seg:
-                json_area[k] = int(seg["area"])
+            crowd.append(int(seg.get("iscrowd", 0)) == 1)
+            area = int(seg["area"]) if "area" in seg else -1
+            if not -(1 << 63) <= area < 1 << 63:
+                raise OverflowError  # as writing it into the int64 array would
+            json_area.append(area)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise PQInputError(f"{where}: every segment needs integer 'id' and 'category_id' (and integer "
                                f"'iscrowd'/'area' if given); got {seg!r}") from None
@@ -111,11 +116,12 @@ def _parse_segments(segments: Sequence[Mapping[str, Any]], cat_index: dict[int, 
             raise PQInputError(f"{where}: segment id {seg_id} outside [1, {MAX_SEGMENT_ID}] (0 is void)")
         if cat_id not in cat_index:
             raise PQInputError(f"{where}: segment {seg_id} has unknown category_id {cat_id}")
-        ids[k], cat[k] = seg_id, cat_index[cat_id]
-    if len(np.unique(ids)) != len(ids):
-        dup = sorted({int(i) for i in ids if (ids == i).sum() > 1})
+        ids.append(seg_id)
+        cat.append(cat_index[cat_id])
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
         raise PQInputError(f"{where}: duplicate segment ids {dup} in the JSON")
-    return _Segments(ids, cat, crowd, json_area)
+    return _Segments(np.array(ids, np.int64), np.array(cat, np.int64), np.array(crowd, bool), np.array(json_area, np.int64))
 
 
 _lut_store = threading.local()
@@ -212,6 +218,20 @@ def pq_image_runs(
     return _match(*_merged_runs(gt, pred), gt_segments, pred_segments, categories, name)
 
 
+def pq_image_merged_runs(
+    gt_run_ids: np.ndarray,
+    pred_run_ids: np.ndarray,
+    lengths: np.ndarray,
+    gt_segments: Sequence[Mapping[str, Any]],
+    pred_segments: Sequence[Mapping[str, Any]],
+    categories: CategoryTable | Sequence[Mapping[str, Any]],
+    name: str = "image",
+) -> ImageStats:
+    """`pq_image` on runs covering the image on which both maps are constant: (GT id, pred id, pixel
+    count) of each (genpan.png.rgb_run_pair_fast reads them from two OpenCV-written PNGs at once)."""
+    return _match(gt_run_ids, pred_run_ids, lengths, gt_segments, pred_segments, categories, name)
+
+
 def _match(
     gt_run_ids: np.ndarray,
     pred_run_ids: np.ndarray,
@@ -230,6 +250,8 @@ def _match(
     g = _compact(gt_run_ids, gt.ids, f"{name} (ground truth)")
     p = _compact(pred_run_ids, pred.ids, f"{name} (prediction)")
     n_g, n_p = gt.ids.size + 1, pred.ids.size + 1  # index 0 is void on both sides
+    if (n_g + 1) * n_p <= _DENSE_MATCH_LIMIT:
+        return _match_dense(g, p, lengths, gt, pred, categories, name)
 
     pair_g, pair_p, inter = _pair_counts(g, p, lengths, n_g, n_p)
     gt_area = np.bincount(pair_g, weights=inter, minlength=n_g).astype(np.int64)
@@ -291,6 +313,64 @@ def _match(
     rows["iou"][:n_tp] = tp_iou
     has_area = gt.json_area >= 0
     stats.gt_area_mismatches = int((gt.json_area[has_area] != gt_area[1:][has_area]).sum())
+    return stats
+
+
+def _absent(area: np.ndarray, seg: _Segments, side: str, name: str) -> None:
+    absent = seg.ids[area[1:] == 0]
+    if absent.size:
+        raise PQInputError(f"{name} ({side}): segment ids {absent[:10].tolist()} are in the JSON but not in the PNG")
+
+
+def _match_dense(
+    g: np.ndarray, p: np.ndarray, lengths: np.ndarray, gt: _Segments, pred: _Segments, categories: CategoryTable, name: str
+) -> ImageStats:
+    """`_match` on the (n_g + 1) × n_p intersection matrix (index 0 void; the extra last row stays zero,
+    so that index −1 reads "no crowd segment"). Same numbers as the sparse path, record for record."""
+    n_g, n_p = gt.ids.size + 1, pred.ids.size + 1
+    inter = np.bincount(g * n_p + p, weights=lengths, minlength=(n_g + 1) * n_p).reshape(n_g + 1, n_p)
+    gt_area, pred_area = inter.sum(1)[:n_g], inter.sum(0)
+    if gt_area[1:].size and gt_area[1:].min() == 0:
+        _absent(gt_area, gt, "ground truth", name)
+    if pred_area[1:].size and pred_area[1:].min() == 0:
+        _absent(pred_area, pred, "prediction", name)
+    segs = inter[1:n_g, 1:]  # GT segment × predicted segment
+    pred_void = inter[0, 1:]  # predicted pixels on GT void
+    union = (pred_area[1:] - pred_void) + (gt_area[1:, None] - segs)
+    iou = segs / union  # union ≥ the GT area ≥ 1
+    match = iou > 0.5
+    match &= gt.cat[:, None] == pred.cat
+    match[gt.crowd] = False
+    tp_g, tp_p = np.nonzero(match)  # at most one match per row and column (IoU > 0.5)
+    tp_iou = iou[tp_g, tp_p]
+    fn_g = np.flatnonzero(~(match.any(1) | gt.crowd))
+    # the reference ignores a prediction mostly on void + the crowd segment of its category, keeping
+    # one crowd segment per category: the last in JSON order
+    crowd_of_cat = np.full(len(categories), -1, np.int64)
+    crowd_rows = np.flatnonzero(gt.crowd)
+    crowd_of_cat[gt.cat[crowd_rows]] = crowd_rows + 1  # fancy assignment: the last write wins
+    on_crowd = inter[crowd_of_cat[pred.cat], np.arange(1, n_p)]  # row −1: the zero row
+    ignored = (pred_void + on_crowd) / pred_area[1:] > 0.5
+    fp_p = np.flatnonzero(~(match.any(0) | ignored))
+
+    n_cat, n_tp, n_fn = len(categories), tp_g.size, fn_g.size
+    tp_cat, fn_cat, fp_cat = gt.cat[tp_g], gt.cat[fn_g], pred.cat[fp_p]
+    stats = ImageStats(
+        tp=np.bincount(tp_cat, minlength=n_cat),
+        fp=np.bincount(fp_cat, minlength=n_cat),
+        fn=np.bincount(fn_cat, minlength=n_cat),
+        iou=np.bincount(tp_cat, weights=tp_iou, minlength=n_cat),
+        segments=np.zeros(n_tp + n_fn + fp_p.size, SEGMENT_DTYPE),
+    )
+    rows = stats.segments
+    rows["kind"][n_tp : n_tp + n_fn] = FN
+    rows["kind"][n_tp + n_fn :] = FP
+    rows["category_id"] = np.asarray(categories.ids, np.int64)[np.concatenate([tp_cat, fn_cat, fp_cat])]
+    rows["gt_area"][: n_tp + n_fn] = gt_area[1:][np.concatenate([tp_g, fn_g])]
+    rows["pred_area"][:n_tp] = pred_area[1:][tp_p]
+    rows["pred_area"][n_tp + n_fn :] = pred_area[1:][fp_p]
+    rows["iou"][:n_tp] = tp_iou
+    stats.gt_area_mismatches = int(np.count_nonzero((gt.json_area != gt_area[1:]) & (gt.json_area >= 0)))
     return stats
 
 

@@ -422,3 +422,26 @@ def test_run_length_path_equals_the_map_path(tmp_path):
             for field in ("tp", "fp", "fn", "iou"):
                 np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
             assert a.segments.tobytes() == b.segments.tobytes()
+
+
+def test_dense_matching_equals_the_sparse_pairs(monkeypatch):
+    """Small images are matched on the full intersection matrix, large ones on sparse pairs: both must
+    give the same statistics and records, crowd, void and FP-ignoring cases included."""
+    import eval.pq_match as pq_match
+    from eval.pq_synth import perturb_prediction, random_panoptic
+
+    rng = np.random.default_rng(11)
+    cats = CategoryTable.from_coco(CATS)
+    cat_dicts = [{"id": c, "name": n, "isthing": int(t)} for c, n, t in zip(cats.ids, cats.names, cats.isthing)]
+    for _ in range(25):
+        h, w = (int(v) for v in rng.integers(8, 60, 2))
+        gt = random_panoptic(rng, h, w, cat_dicts, crowd_prob=0.5)
+        pred = perturb_prediction(rng, gt, cat_dicts)
+        monkeypatch.setattr(pq_match, "_DENSE_MATCH_LIMIT", 1 << 14)
+        dense = pq_image(gt.ids, gt.segments, pred.ids, pred.segments, cats)
+        monkeypatch.setattr(pq_match, "_DENSE_MATCH_LIMIT", 0)
+        sparse = pq_image(gt.ids, gt.segments, pred.ids, pred.segments, cats)
+        for field in ("tp", "fp", "fn", "iou"):
+            np.testing.assert_array_equal(getattr(dense, field), getattr(sparse, field))
+        assert dense.segments.tobytes() == sparse.segments.tobytes()
+        assert dense.gt_area_mismatches == sparse.gt_area_mismatches
