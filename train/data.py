@@ -14,6 +14,11 @@ Pipeline per DataLoader worker: shard source → tar → shuffle buffer → deco
 - Collation pads the variable-sized images of a batch to the batch maximum (void labels, zero image) and
   keeps each image's true size. No CPU resize: the random scale and crop happen on the training device
   in one `grid_sample` per batch (train/augment.py), and resizing on the CPU first would resample twice.
+- Hand-over (with workers): each worker writes its batches into a few shared-memory slots it reuses
+  (`SlotPool`) and sends only keys, layout and slot number (the slot's descriptor once); the trainer maps
+  each slot once (`SlotReceiver`). A slot is free again when the last tensor viewing its batch is freed,
+  so nothing the trainer can still read is overwritten; a worker with no free slot makes a new one.
+  The image is stored HWC as decoded and handed out as a (B, 3, H, W) channels-last view.
 - Determinism: every random choice comes from seeds derived from (seed, rank, worker, epoch), so a run
   resumed at (epoch, batch index) rebuilds the same stream and skips the consumed raw samples before
   decoding them (`BatchStream.state_dict` / `load_state_dict`).
