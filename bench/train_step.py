@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import os
 import sys
 import tarfile
 import tempfile
@@ -87,7 +88,8 @@ def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.
 
 def bare_jpeg_decode(urls: list[str]) -> tuple[int, float]:
     """Images decoded and seconds, reading the tars in order and decoding only the images."""
-    count, start = 0, time.perf_counter()
+    global JPEG_CPU_S
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
     for url in urls:
         with tarfile.open(url) as tar:
             for member in tar:
@@ -96,7 +98,21 @@ def bare_jpeg_decode(urls: list[str]) -> tuple[int, float]:
                     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
                     cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
                     count += 1
+    JPEG_CPU_S = time.process_time() - cpu
     return count, time.perf_counter() - start
+
+
+JPEG_CPU_S = 0.0  # CPU seconds of the last bare_jpeg_decode (the extra, load-independent row)
+LOADER_CPU_S = 0.0  # CPU seconds of the workers and this process over the last timed loader window
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of a process from /proc (Linux); 0 where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def full_decode(urls: list[str]) -> float:
@@ -116,12 +132,17 @@ def loader_throughput(shards: str, workers: int, batch: int, images: int) -> flo
     # a long epoch: no worker restart inside the timed window
     cfg = DataConfig(shards=shards, micro_batch=batch, num_workers=workers, shuffle_buffer=64, shuffle_initial=16,
                      epoch_size=100 * images)
+    global LOADER_CPU_S
     stream = BatchStream(cfg, seed=0)
     next(stream)  # workers started, buffers filled
+    pids = [w.pid for w in getattr(stream._iterator, "_workers", [])]
+    cpu = sum(map(_process_cpu_s, pids)) + time.process_time()
     start, seen = time.perf_counter(), 0
     while seen < images:
         seen += len(next(stream)["key"])
-    return seen / (time.perf_counter() - start)
+    rate = seen / (time.perf_counter() - start)
+    LOADER_CPU_S = (sum(map(_process_cpu_s, pids)) + time.process_time() - cpu) * images / seen
+    return rate
 
 
 def make_shards(root: Path, num_images: int, min_size: int, max_size: int) -> Path:
@@ -172,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bare JPEG decode: {decode_ips:.1f} images/s ({count} images, 1 process)")
             print(f"decode of every field (image + label PNGs + json), 1 process, no pipeline: {fields_ips:.1f} images/s")
             print(f"loader ({args.workers} workers, all fields + collate): {loader_ips:.1f} images/s")
+            if LOADER_CPU_S > 0 and JPEG_CPU_S > 0:  # CPU time does not depend on what else runs on the machine
+                loader_ms, jpeg_ms = 1e3 * LOADER_CPU_S / (2 * count), 1e3 * JPEG_CPU_S / count
+                print(f"CPU per image: loader {loader_ms:.3f} ms (workers + this process), bare JPEG decode {jpeg_ms:.3f} ms;"
+                      f" with {args.workers} free cores the loader would reach {args.workers * jpeg_ms / loader_ms:.2f}x the decode")
             print(f"RESULT loader_over_decode={loader_ips / decode_ips:.3f}")
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -280,3 +280,94 @@ def test_disjoint_shard_mode_needs_enough_shards(shards):
     assert keys.isdisjoint(other)
     with pytest.raises(ValueError, match="resampled = false"):
         BatchStream(cfg, rank=0, world_size=4, seed=0)
+
+
+# -- reused shared-memory slots (workers → trainer) ---------------------------------------------------
+def _samples(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"key": f"k{seed}-{i}", "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
+             "sem": rng.integers(0, 9, (h, w), dtype=np.uint8), "ins": rng.integers(0, 5, (h, w)).astype(np.int16),
+             "dist": rng.integers(0, 900, (h, w)).astype(np.int16), "crowd": np.array([False] * (i + 1) + [True])}
+            for i, (h, w) in enumerate(sizes)]
+
+
+def _assert_batches_equal(a: dict, b: dict) -> None:
+    assert a["key"] == b["key"] and a.keys() == b.keys()
+    for name in a:
+        if name != "key":
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_slot_pool_reuses_a_slot_only_after_the_last_view_is_freed():
+    import gc
+
+    from train.data import SlotPool, SlotReceiver
+
+    receiver = SlotReceiver()
+    pool = SlotPool(receiver.id)
+    big, small = _samples([(9, 12), (7, 5)], 0), _samples([(4, 3), (2, 6)], 1)
+    first = pool.collate(big)
+    assert first.storage is not None and first.slot == 0  # a new slot's descriptor travels with it once
+    batch = first.open()
+    _assert_batches_equal(batch, collate(big))
+    image = batch["image"][1]  # a view outlives the dict
+    del batch
+    gc.collect()
+    second = pool.collate(small)
+    assert second.slot == 1 and second.storage is not None  # slot 0 is still referenced: a new slot, no overwrite
+    assert torch.equal(image, collate(big)["image"][1])
+    del image
+    gc.collect()
+    third = pool.collate(small)
+    # slot 0 is free again and reused: its descriptor is not sent again, stale pixels of the big batch are void
+    assert third.slot == 0 and third.storage is None
+    third_batch = third.open()  # held: slot 0 stays busy
+    _assert_batches_equal(third_batch, collate(small))
+    second_batch = second.open()
+    _assert_batches_equal(second_batch, collate(small))
+    del second_batch
+    gc.collect()
+    # slot 1 is free but too small for a big batch: replaced, and the trainer told to unmap it
+    fourth = pool.collate(_samples([(150, 160), (3, 3)], 2))  # > the 64 KiB of slot 1
+    assert fourth.slot == 2 and fourth.retired == [1] and len(pool.slots) == 2
+    fourth.open()
+    assert set(receiver.mapped) == {(pool.id, 0), (pool.id, 2)}
+
+
+def test_slot_batch_pin_memory_copies_out_and_frees_the_slot(monkeypatch):
+    import gc
+
+    from train.data import SlotPool, SlotReceiver
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())  # no accelerator here
+    receiver = SlotReceiver()
+    pool = SlotPool(receiver.id)
+    samples = _samples([(5, 6), (6, 5)], 3)
+    pinned = pool.collate(samples).pin_memory()
+    gc.collect()
+    assert all(s.free() for s in pool.slots)  # the copy is all the trainer holds
+    _assert_batches_equal(pinned, collate(samples))
+    assert pool.collate(samples).slot == 0
+
+
+def test_stream_batches_with_workers_stay_intact_and_slots_are_bounded(shards):
+    import gc
+
+    cfg = DataConfig(shards=str(shards), micro_batch=2, size=[56, 56], num_workers=2, shuffle_buffer=8,
+                     shuffle_initial=4, epoch_size=200)
+    plain = BatchStream(DataConfig(**{**cfg.__dict__, "num_workers": 0}), seed=1)
+    stream = BatchStream(cfg, seed=1)
+    held = next(stream)
+    copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in held.items()}
+    for _ in range(30):  # batches dropped as they come: the workers recycle a few slots
+        next(stream)
+        gc.collect()
+    _assert_batches_equal(held, copy)  # never overwritten while the trainer holds it
+    assert 2 <= len(stream.receiver.mapped) <= 2 * 5
+    kept = [next(stream) for _ in range(12)]  # a consumer that keeps batches gets new slots, not a deadlock
+    assert len(stream.receiver.mapped) >= 12
+    # content of a worker batch = the in-process batch of the same stream position
+    # (the loader's round robin over workers: batch 0 of worker 0 is the stream's first batch)
+    del kept
+    _assert_batches_equal(copy, next(plain))
+    assert held["image"].shape[1] == 3 and held["image"].permute(0, 2, 3, 1).is_contiguous()

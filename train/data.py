@@ -14,6 +14,11 @@ Pipeline per DataLoader worker: shard source → tar → shuffle buffer → deco
 - Collation pads the variable-sized images of a batch to the batch maximum (void labels, zero image) and
   keeps each image's true size. No CPU resize: the random scale and crop happen on the training device
   in one `grid_sample` per batch (train/augment.py), and resizing on the CPU first would resample twice.
+- Hand-over (with workers): each worker writes its batches into a few shared-memory slots it reuses
+  (`SlotPool`) and sends only keys, layout and slot number (the slot's descriptor once); the trainer maps
+  each slot once (`SlotReceiver`). A slot is free again when the last tensor viewing its batch is freed,
+  so nothing the trainer can still read is overwritten; a worker with no free slot makes a new one.
+  The image is stored HWC as decoded and handed out as a (B, 3, H, W) channels-last view.
 - Determinism: every random choice comes from seeds derived from (seed, rank, worker, epoch), so a run
   resumed at (epoch, batch index) rebuilds the same stream and skips the consumed raw samples before
   decoding them (`BatchStream.state_dict` / `load_state_dict`).
@@ -26,8 +31,10 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import random
 import tarfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,54 +217,207 @@ def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
     return out
 
 
-def _batch_tensors(specs: dict[str, tuple[tuple[int, ...], torch.dtype, float]]) -> dict[str, Tensor]:
-    """Filled tensors that are views of ONE buffer. Inside a DataLoader worker the buffer is born in shared
-    memory (as in torch's default_collate), so handing the batch to the trainer copies nothing and passes
-    one file descriptor instead of one per field (each costs a socket round trip to the worker)."""
-    offsets, total = {}, 0
-    for name, (shape, dtype, _) in specs.items():
-        offsets[name] = total
-        total += -(-math.prod(shape) * dtype.itemsize // 8) * 8  # 8-byte aligned for every dtype's view
-    if torch.utils.data.get_worker_info() is None:
-        buffer = torch.empty(total, dtype=torch.uint8)
-    else:
-        empty = torch.empty(0, dtype=torch.uint8)
-        buffer = empty.new(empty._typed_storage()._new_shared(total, device=empty.device))
-    out = {}
-    for name, (shape, dtype, fill) in specs.items():
-        size = math.prod(shape) * dtype.itemsize
-        out[name] = buffer[offsets[name] : offsets[name] + size].view(dtype).view(shape).fill_(fill)
-    return out
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype, float]]
+Layout = dict[str, tuple[int, tuple[int, ...], torch.dtype]]
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pad a list of decoded samples to the batch's largest height and width (void labels, zero image)."""
+def batch_specs(samples: list[dict[str, Any]]) -> Spec:
+    """Field → (stored shape, dtype, padding value) of the padded batch of `samples`. The image is stored
+    (B, Hc, Wc, 3), as decoded, and handed out as a (B, 3, Hc, Wc) channels-last view: a CHW copy
+    cost more than the rest of the collate."""
     height = max(s["image"].shape[0] for s in samples)
     width = max(s["image"].shape[1] for s in samples)
     n = len(samples)
-    max_ins = max(len(s["crowd"]) for s in samples)
     plane = (n, height, width)
     specs = {
-        "image": ((n, 3, height, width), torch.uint8, 0),
+        "image": ((n, height, width, 3), torch.uint8, 0),
         "sem": (plane, torch.uint8, IGNORE),
         "ins": (plane, torch.int16, 0),
         "dist": (plane, torch.int16, 0),
         "size": ((n, 2), torch.long, 0),
-        "crowd": ((n, max_ins), torch.bool, False),
+        "crowd": ((n, max(len(s["crowd"]) for s in samples)), torch.bool, False),
     }
     depth_key = next((k for k in ("depth", "disp") if k in samples[0]), None)
     if depth_key:
         specs[depth_key] = (plane, torch.float32, 0)
         specs["depth_valid"] = (plane, torch.bool, False)
-    batch: dict[str, Any] = {"key": [s["key"] for s in samples], **_batch_tensors(specs)}
+    return specs
+
+
+def batch_layout(specs: Spec) -> tuple[Layout, int]:
+    """(field → (byte offset, stored shape, dtype), total bytes): each field 64-byte aligned in one buffer."""
+    layout, total = {}, 0
+    for name, (shape, dtype, _) in specs.items():
+        layout[name] = (total, shape, dtype)
+        total += -(-math.prod(shape) * dtype.itemsize // 64) * 64
+    return layout, total
+
+
+def layout_views(buffer: Tensor, layout: Layout) -> dict[str, Tensor]:
+    """The fields in their stored shapes as views of the uint8 `buffer` (one storage for the batch)."""
+    return {
+        name: buffer[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for name, (offset, shape, dtype) in layout.items()
+    }
+
+
+def batch_fields(views: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Stored views → the batch contract: image (B, 3, Hc, Wc) channels-last, the others as stored."""
+    return {**views, "image": views["image"].permute(0, 3, 1, 2)}
+
+
+def _put(dst: np.ndarray, src: np.ndarray, fill: float) -> None:
+    """src (h, w, ...) into the top-left of dst (H, W, ...), the rest set to `fill`: each byte written once
+    (a reused buffer holds the previous batch, and filling it all first would write the image area twice)."""
+    h, w = src.shape[:2]
+    np.copyto(dst[:h, :w], src, casting="same_kind")
+    if h < dst.shape[0]:
+        dst[h:] = fill
+    if w < dst.shape[1]:
+        dst[:h, w:] = fill
+
+
+def write_batch(views: dict[str, Tensor], specs: Spec, samples: list[dict[str, Any]]) -> None:
+    """Copy the decoded samples into the stored views, padding every field with its void value."""
+    arrays = {name: view.numpy() for name, view in views.items()}
+    planes = [k for k in ("sem", "ins", "dist", "depth", "disp", "depth_valid") if k in arrays]
     for i, s in enumerate(samples):
-        h, w = s["image"].shape[:2]
-        batch["size"][i, 0], batch["size"][i, 1] = h, w
-        batch["image"][i, :, :h, :w] = torch.from_numpy(s["image"]).permute(2, 0, 1)
-        for name in ("sem", "ins", "dist") + ((depth_key, "depth_valid") if depth_key else ()):
-            batch[name][i, :h, :w] = torch.from_numpy(s[name])
-        batch["crowd"][i, : len(s["crowd"])] = torch.from_numpy(s["crowd"])
-    return batch
+        arrays["size"][i] = s["image"].shape[:2]
+        _put(arrays["image"][i], s["image"], 0)
+        for name in planes:
+            _put(arrays[name][i], s[name], specs[name][2])
+        crowd = arrays["crowd"][i]
+        crowd[: len(s["crowd"])] = s["crowd"]
+        crowd[len(s["crowd"]) :] = False
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of decoded samples to the batch's largest height and width (void labels, zero image);
+    every field is a view of one fresh buffer (inside a DataLoader worker, `SlotPool.collate` is used)."""
+    specs = batch_specs(samples)
+    layout, total = batch_layout(specs)
+    views = layout_views(torch.empty(total, dtype=torch.uint8), layout)
+    write_batch(views, specs, samples)
+    return {"key": [s["key"] for s in samples], **batch_fields(views)}
+
+
+# -- batches in reused shared memory (worker → trainer) -------------------------------------------------
+# A new shared segment per batch cost a worker a quarter of its time (creating it and page-faulting every
+# page on first touch) and the trainer a socket round trip for its file descriptor. Instead each worker
+# writes into a few slots it reuses; a slot's descriptor travels once, later batches name the slot.
+# The trainer's batch tensors share one storage per batch; when the last of them (or of their views) is
+# freed, the slot's flag drops to FREE and the worker may overwrite it. Nothing is recycled while a
+# tensor of the batch is alive.
+SLOT_HEADER = 64  # the slot's flag, alone on its cache line; the batch starts after it
+FREE, IN_USE = 0, 1
+SLOT_GRANULE = 1 << 16  # slot sizes rounded up to 64 KiB, with a quarter of headroom for larger batches
+
+
+@dataclass
+class SlotBatch:
+    """What a worker sends per batch: keys and layout of a batch written into one of its slots."""
+
+    receiver: int  # the BatchStream's SlotReceiver, which holds the trainer's mapping of the slots
+    pool: int
+    slot: int
+    nbytes: int
+    layout: Layout
+    keys: list[str]
+    storage: torch.UntypedStorage | None = None  # only on a slot's first trip: its file descriptor goes once
+    retired: list[int] = field(default_factory=list)  # slots the worker dropped: the trainer unmaps them
+
+    def open(self) -> dict[str, Any]:
+        receiver = _RECEIVERS.get(self.receiver)
+        if receiver is None:
+            raise RuntimeError("a loader batch arrived for a BatchStream that no longer exists")
+        return receiver.open(self)
+
+    def pin_memory(self) -> dict[str, Any]:
+        """The DataLoader's pin thread: copy out to pinned memory; the slot is free once this returns."""
+        return {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in self.open().items()}
+
+
+class _Slot:
+    def __init__(self, index: int, capacity: int) -> None:
+        self.index, self.capacity = index, capacity
+        self.storage = torch.UntypedStorage._new_shared(SLOT_HEADER + capacity)
+        self.buffer = torch.empty(0, dtype=torch.uint8).set_(self.storage)
+        self.flag = self.buffer[:8].numpy().view(np.int64)
+        self.announced = False
+
+    def free(self) -> bool:
+        return int(self.flag[0]) == FREE
+
+
+class SlotPool:
+    """A DataLoader worker's reused shared-memory slots. A slot is taken only when the trainer has freed
+    it; when none is free (the trainer holds more batches than the queue depth) a new one is made, so a
+    consumer that keeps batches costs memory, never a deadlock."""
+
+    def __init__(self, receiver: int) -> None:
+        self.receiver = receiver
+        self.id = int.from_bytes(os.urandom(8), "little") >> 1  # not from the seeded RNGs: the data stream stays as it was
+        self.slots: list[_Slot] = []
+        self.retired: list[int] = []
+        self.created = 0
+
+    def acquire(self, nbytes: int) -> _Slot:
+        free = [s for s in self.slots if s.free()]
+        fits = [s for s in free if s.capacity >= nbytes]
+        if fits:
+            slot = min(fits, key=lambda s: s.capacity)
+        else:
+            if free:  # a free slot too small for this batch: replace it rather than grow the pool
+                self.slots.remove(free[0])
+                self.retired.append(free[0].index)
+            slot = _Slot(self.created, -(-(nbytes + nbytes // 4) // SLOT_GRANULE) * SLOT_GRANULE)
+            self.created += 1
+            self.slots.append(slot)
+        slot.flag[0] = IN_USE
+        return slot
+
+    def collate(self, samples: list[dict[str, Any]]) -> SlotBatch:
+        specs = batch_specs(samples)
+        layout, total = batch_layout(specs)
+        slot = self.acquire(total)
+        write_batch(layout_views(slot.buffer[SLOT_HEADER : SLOT_HEADER + total], layout), specs, samples)
+        message = SlotBatch(self.receiver, self.id, slot.index, total, layout, [s["key"] for s in samples],
+                            None if slot.announced else slot.storage, self.retired)
+        slot.announced, self.retired = True, []
+        return message
+
+
+def _release(flag: np.ndarray) -> None:
+    flag[0] = FREE
+
+
+class SlotReceiver:
+    """The trainer's side: maps each worker slot once and turns a SlotBatch into tensors over it."""
+
+    def __init__(self) -> None:
+        self.id = int.from_bytes(os.urandom(8), "little") >> 1
+        self.mapped: dict[tuple[int, int], np.ndarray] = {}
+        _RECEIVERS[self.id] = self
+
+    def open(self, message: SlotBatch) -> dict[str, Any]:
+        for index in message.retired:
+            self.mapped.pop((message.pool, index), None)
+        key = (message.pool, message.slot)
+        if message.storage is not None:
+            self.mapped[key] = torch.empty(0, dtype=torch.uint8).set_(message.storage).numpy()
+        whole = self.mapped[key]
+        data = whole[SLOT_HEADER : SLOT_HEADER + message.nbytes]
+        # `data` lives exactly as long as the storage of the tensors below (torch.from_numpy holds it):
+        # when the last view of the batch dies, the slot is handed back
+        weakref.finalize(data, _release, whole[:8].view(np.int64)).atexit = False
+        return {"key": message.keys, **batch_fields(layout_views(torch.from_numpy(data), message.layout))}
+
+    def clear(self) -> None:
+        """Forget the slots of finished workers (batches still alive keep their own mapping)."""
+        self.mapped.clear()
+
+
+_RECEIVERS: weakref.WeakValueDictionary[int, SlotReceiver] = weakref.WeakValueDictionary()
 
 
 # -- the per-worker pipeline ----------------------------------------------------------------------------
@@ -297,9 +457,11 @@ def batches_consumed_by_worker(consumed: int, worker: int, workers: int) -> int:
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless stream of collated batches; each worker yields `batches_per_worker` per epoch."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, seed: int, batches_per_worker: int) -> None:
+    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, seed: int, batches_per_worker: int,
+                 receiver: int = 0) -> None:
         super().__init__()
         self.urls, self.cfg, self.rank, self.world_size, self.seed = urls, cfg, rank, world_size, seed
+        self.receiver = receiver  # SlotReceiver id of the trainer process (workers write into reused slots)
         self.batches_per_worker = batches_per_worker
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed (resume), over all workers
@@ -328,7 +490,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             # resume: drop the raw samples of batches already trained on, before paying for their decode
             lambda samples: itertools.islice(samples, skip * cfg.micro_batch, None),
             wds.map(lambda raw: decode_sample(raw, cfg.depth)),
-            wds.batched(cfg.micro_batch, collation_fn=collate, partial=False),
+            wds.batched(cfg.micro_batch, collation_fn=SlotPool(self.receiver).collate if info else collate, partial=False),
         ).with_epoch(nbatches=self.batches_per_worker - skip)
         yield from pipeline
 
@@ -357,7 +519,8 @@ class BatchStream:
         per_rank = max(1, self.epoch_size // (cfg.micro_batch * world_size))
         per_worker = -(-per_rank // workers)
         self.batches_per_epoch = per_worker * workers
-        self.dataset = ShardStream(self.urls, cfg, rank, world_size, seed, per_worker)
+        self.receiver = SlotReceiver()
+        self.dataset = ShardStream(self.urls, cfg, rank, world_size, seed, per_worker, self.receiver.id)
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,
@@ -382,18 +545,27 @@ class BatchStream:
         try:
             batch = next(self._iterator)
         except StopIteration:
-            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+            self.epoch, self.index = self.epoch + 1, 0
+            self._drop_workers()
             return next(self)
+        if isinstance(batch, SlotBatch):
+            batch = batch.open()
         self.index += 1
         if self.index >= self.batches_per_epoch:  # start the next epoch's workers on the next call
-            self.epoch, self.index, self._iterator = self.epoch + 1, 0, None
+            self.epoch, self.index = self.epoch + 1, 0
+            self._drop_workers()
         return batch
+
+    def _drop_workers(self) -> None:
+        self._iterator = None  # shuts the workers (and the pin thread) down before their slots are unmapped
+        self.receiver.clear()
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index, self._iterator = int(state["epoch"]), int(state["index"]), None
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._drop_workers()
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
