@@ -18,3 +18,13 @@ def ray_address() -> Iterator[str]:
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def pytest_unconfigure(config) -> None:
+    """Flush the closing summary line before interpreter shutdown: with output redirected to a file, an
+    atexit handler of a library that ends the process with os._exit would otherwise drop what is still
+    buffered (seen: a full run whose log ended at the short test summary, without the 'N passed' line)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
