@@ -32,9 +32,7 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # colour type → samples per pixel. Not here: palette (3), and gray+alpha (4), which OpenCV expands to
 # BGRA, so that one shape comes out of either path.
 CHANNELS = {0: 1, 2: 3, 6: 4}
-NONE, SUB, UP, AVERAGE, PAETH = 0, 1, 2, 3, 4
-# fixed-point rounds per batch of Paeth rows before the file goes to libpng instead (see _paeth_rows)
-PAETH_ROUNDS = 24
+NONE, SUB, UP = 0, 1, 2
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -65,6 +63,9 @@ def decode_png_any_order(data: bytes | bytearray | memoryview | np.ndarray) -> t
     fast = _from_rows(*inflated)
     if fast is not None:
         return fast, False
+    collapsed = _decode_without_repeats(*inflated)
+    if collapsed is not None:
+        return collapsed
     # Average/Paeth rows need libpng's sequential unfilter; hand it the stream already inflated (stored
     # deflate blocks), so that zlib-ng does the inflate: a third less time than libpng alone
     return _decode_opencv(_stored_png(buffer, inflated[0]))
@@ -129,19 +130,42 @@ def _decode_fast(buffer: memoryview) -> np.ndarray | None:
 
 def _stored_png(buffer: memoryview, rows: np.ndarray) -> memoryview:
     """The same image as one IDAT of stored (uncompressed) deflate blocks, with the original IHDR."""
-    ihdr = bytes(buffer[8:33])  # length, type, 13 bytes, CRC
-    return memoryview(SIGNATURE + ihdr + _chunk(b"IDAT", _inflater.compress(rows.data, 0)) + _chunk(b"IEND", b""))
+    return memoryview(_stored_png_of(bytes(buffer[16:29]), rows))
+
+
+_IEND = _chunk(b"IEND", b"")
+_STORED_BLOCK = 65535  # the most bytes one stored deflate block holds
+
+
+def _stored_png_of(header: bytes, rows: np.ndarray) -> bytes:
+    """PNG bytes of the filtered `rows` (contiguous uint8) under the 13-byte IHDR body `header`, as
+    stored deflate blocks: written by hand and joined once (zlib's level 0 plus chunk concatenation
+    copied the rows four times); libpng still checks both checksums, so they are computed."""
+    body = memoryview(rows).cast("B") if rows.flags.c_contiguous else memoryview(np.ascontiguousarray(rows)).cast("B")
+    size = len(body)
+    pieces: list[bytes | memoryview] = [b"\x78\x01"]  # zlib header: deflate, 32K window, no dictionary
+    for start in range(0, size, _STORED_BLOCK):
+        n = min(_STORED_BLOCK, size - start)
+        pieces.append(struct.pack("<BHH", start + n == size, n, n ^ 0xFFFF))  # BFINAL, BTYPE 00, LEN, NLEN
+        pieces.append(body[start : start + n])
+    if size == 0:
+        pieces.append(b"\x01\x00\x00\xff\xff")
+    pieces.append(_inflater.adler32(body).to_bytes(4, "big"))
+    crc = _inflater.crc32(b"IDAT")
+    for piece in pieces:
+        crc = _inflater.crc32(piece, crc)
+    length = sum(len(p) for p in pieces)
+    return b"".join(
+        [SIGNATURE, _chunk(b"IHDR", header), length.to_bytes(4, "big"), b"IDAT", *pieces, crc.to_bytes(4, "big"), _IEND]
+    )
 
 
 def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: int) -> np.ndarray | None:
     filters = rows[:, 0]
-    pixels = rows[:, 1:].reshape(height, width, channels * depth // 8)
     if filters.max() > UP:
-        out = _unfilter_paeth(pixels, filters)
-        if out is None:
-            return None
-    else:
-        out = _unfilter(pixels, filters)
+        return None
+    pixels = rows[:, 1:].reshape(height, width, channels * depth // 8)
+    out = _unfilter(pixels, filters)
     if depth == 16:
         out = out.view(">u2").astype(np.uint16)  # PNG samples are big-endian
     out = out[..., 0] if channels == 1 else out
@@ -281,108 +305,28 @@ def _unfilter(pixels: np.ndarray, filters: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unfilter_paeth(pixels: np.ndarray, filters: np.ndarray) -> np.ndarray | None:
-    """Reconstruct bytes (H, W, bpp) from rows filtered None/Sub/Up/Paeth (PIL's label maps); None when
-    a row is Average (or an invalid type) or a batch of Paeth rows does not settle: libpng then.
+# below this share of repeated rows, leaving them out does not pay for the np.repeat that puts them back
+MIN_REPEATS = 0.15
 
-    Rows that are not Up ("roots") are reconstructed first, Paeth rows in batches whose row above
-    depends only on earlier batches; every Up row is then its root plus a column-wise running sum.
+
+def _decode_without_repeats(
+    rows: np.ndarray, width: int, height: int, channels: int, depth: int
+) -> tuple[np.ndarray, bool] | None:
+    """libpng's decode of a file with Average/Paeth rows, given only its rows that are not repeats
+    (array, reversed_colour as `decode_png_any_order`); None when too few rows repeat.
+
+    An Up row of zero bytes reconstructs to the row above it, so leaving it out changes no other row:
+    libpng unfilters the rest (the row above of each is still the true one) and np.repeat puts the
+    repeats back. Label maps: 30-40 % of PIL's rows where segments continue unchanged downwards.
     """
-    height, width, bpp = pixels.shape
-    if not np.isin(filters, (NONE, SUB, UP, PAETH)).all():
+    repeats = (rows[:, 0] == UP) & (rows[:, 1:].max(axis=1) == 0)
+    repeats[0] = False  # an Up row of zeros at the top is a row of zeros: libpng decodes it too
+    keep = np.flatnonzero(~repeats)
+    if keep.size > (1 - MIN_REPEATS) * height:
         return None
-    flat = pixels.reshape(height, width * bpp)
-    # padded by a zero row in front: index q + 1 is row q, index 0 the zeros above the image
-    column_sums = np.empty((height + 1, width * bpp), np.uint8)
-    column_sums[0] = 0
-    np.cumsum(flat, axis=0, dtype=np.uint8, out=column_sums[1:])
-    roots_out = np.zeros((height + 1, width * bpp), np.uint8)  # only the roots' rows get filled
-    kinds = filters.tolist()
-    roots = [q for q, kind in enumerate(kinds) if kind != UP]
-    sub = [q for q in roots if kinds[q] == SUB]
-    if sub:
-        roots_out[np.add(sub, 1)] = np.cumsum(pixels[sub], axis=1, dtype=np.uint8).reshape(len(sub), -1)
-    plain = [q for q in roots if kinds[q] == NONE]
-    if plain:
-        roots_out[np.add(plain, 1)] = flat[plain]
-    # batch of each Paeth row: one more than that of the Paeth row its row above hangs from (0: none)
-    batches: list[tuple[list[int], list[int]]] = []  # (Paeth rows, root of the row above each, −1: top)
-    level: dict[int, int] = {}
-    last_root = -1
-    for q in roots:
-        if kinds[q] == PAETH:
-            depth = level.get(last_root, -1) + 1
-            level[q] = depth
-            if depth == len(batches):
-                batches.append(([], []))
-            batches[depth][0].append(q)
-            batches[depth][1].append(last_root)
-        last_root = q
-    for rows, above_roots in batches:
-        r = np.asarray(rows)
-        a = np.asarray(above_roots) + 1
-        # the row above: its root plus the Up rows' sums since (zero rows when the root is the top)
-        above = column_sums[r] - column_sums[a] + roots_out[a]
-        done = _paeth_rows(flat[r], above, width, bpp)
-        if done is None:
-            return None
-        roots_out[r + 1] = done
-    # every row = its root + the Up rows' sums since: column_sums[q] + (root − column_sums[root])
-    starts = [0] + [q + 1 for q in roots]
-    offsets = roots_out[starts] - column_sums[starts]
-    spans = np.diff(np.asarray(roots + [height], np.int64), prepend=0)
-    out = column_sums[1:]
-    out += np.repeat(offsets, spans, axis=0)
-    return out.reshape(height, width, bpp)
-
-
-def _paeth_rows(filtered: np.ndarray, above: np.ndarray, width: int, bpp: int) -> np.ndarray | None:
-    """Paeth-filtered rows (n, W·bpp) with their reconstructed rows above → reconstructed rows; None
-    when the fixed point below takes more than PAETH_ROUNDS rounds.
-
-    Per byte, with a = left, b = above, c = above-left (PNG spec): the predictor is a when
-    |b − c| ≤ |a − c| and |b − c| ≤ |a + b − 2c|, else b when |a − c| ≤ |a + b − 2c|, else c. Where
-    b == c, |b − c| = 0 and the predictor is a: the row is a running sum (Sub) there. Only at the
-    "breaks" (b ≠ c, and the first pixel, where a = c = 0 and the predictor is b) does the predictor
-    depend on the reconstructed left byte. With a guess of the predictor at every break, the
-    reconstruction is a running sum with a correction at each break, which gives every break's a; the
-    guess is recomputed from those until it repeats. A repeated guess satisfies the PNG recurrence,
-    whose solution is unique: exact. Each round fixes at least the next break of every row.
-    """
-    n = filtered.shape[0]
-    # one row per (row, channel): each a chain of bytes whose left neighbour is one step back
-    f = np.ascontiguousarray(filtered.reshape(n, width, bpp).transpose(0, 2, 1)).reshape(n * bpp, width)
-    b_row = np.ascontiguousarray(above.reshape(n, width, bpp).transpose(0, 2, 1)).reshape(n * bpp, width)
-    breaks = np.empty(f.shape, bool)
-    breaks[:, 0] = True
-    np.not_equal(b_row[:, 1:], b_row[:, :-1], out=breaks[:, 1:])
-    at = np.flatnonzero(breaks)
-    first = at % width == 0
-    left = np.where(first, 0, at - 1)
-    sums = np.cumsum(f, axis=1, dtype=np.uint8).ravel()
-    before = np.where(first, 0, sums[left]).astype(np.int16)  # running sum of f up to the left byte
-    b = b_row.ravel()[at].astype(np.int16)
-    c = np.where(first, 0, b_row.ravel()[left]).astype(np.int16)
-    pa = np.abs(b - c)
-    predictor = b
-    for _ in range(PAETH_ROUNDS):
-        # left byte = its running sum + the correction of the chain's previous break:
-        # (predictor − running sum before) at that break
-        correction = predictor - before
-        a = before + np.roll(correction, 1)
-        a[first] = 0
-        a &= 255
-        pb, pc = np.abs(a - c), np.abs(a + b - 2 * c)
-        guess = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
-        if np.array_equal(guess, predictor):
-            break
-        predictor = guess
-    else:
-        return None
-    fixed = f.ravel().copy()
-    fixed[at] += ((predictor - a) & 255).astype(np.uint8)  # the break's own byte adds predictor − a
-    out = np.cumsum(fixed.reshape(n * bpp, width), axis=1, dtype=np.uint8)
-    return out.reshape(n, bpp, width).transpose(0, 2, 1).reshape(n, width * bpp)
+    header = struct.pack(">IIBBBBB", width, keep.size, depth, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    kept, reversed_colour = _decode_opencv(memoryview(_stored_png_of(header, rows[keep])))
+    return np.repeat(kept, np.diff(keep, append=height), axis=0), reversed_colour
 
 
 def _decode_opencv(buffer: memoryview) -> tuple[np.ndarray, bool]:
