@@ -73,9 +73,11 @@ def decode_png_any_order(data: bytes | bytearray | memoryview | np.ndarray) -> t
     # Average/Paeth rows need libpng's sequential unfilter; hand it the stream already inflated (stored
     # deflate blocks), so that zlib-ng does the inflate: a third less time than libpng alone. Before
     # that, rows that repeat the one above are taken out (libpng's time is per byte it gets)
-    collapsed = _decode_without_repeats(*inflated)
-    if collapsed is not None:
-        return collapsed
+    # (only under an intact IHDR: the shortened file gets a new one, and libpng refuses a bad CRC)
+    if _inflater.crc32(buffer[12:29]) == int.from_bytes(buffer[29:33], "big"):
+        collapsed = _decode_without_repeats(*inflated)
+        if collapsed is not None:
+            return collapsed
     return _decode_opencv(_stored_png(buffer, inflated[0]))
 
 
@@ -138,15 +140,15 @@ def _decode_fast(buffer: memoryview) -> np.ndarray | None:
 
 def _stored_png(buffer: memoryview, rows: np.ndarray) -> memoryview:
     """The same image as one IDAT of stored (uncompressed) deflate blocks, with the original IHDR."""
-    return memoryview(_stored_png_of(bytes(buffer[16:29]), rows))
+    return memoryview(_stored_png_of(bytes(buffer[8:33]), rows))  # IHDR: length, type, 13 bytes, CRC
 
 
 _IEND = _chunk(b"IEND", b"")
 _STORED_BLOCK = 65535  # the most bytes one stored deflate block holds
 
 
-def _stored_png_of(header: bytes, rows: np.ndarray) -> bytes:
-    """PNG bytes of the filtered `rows` (contiguous uint8) under the 13-byte IHDR body `header`, as
+def _stored_png_of(ihdr: bytes, rows: np.ndarray) -> bytes:
+    """PNG bytes of the filtered `rows` (contiguous uint8) under the IHDR chunk `ihdr`, as
     stored deflate blocks: written by hand and joined once (zlib's level 0 plus chunk concatenation
     copied the rows four times); libpng still checks both checksums, so they are computed."""
     body = memoryview(rows).cast("B") if rows.flags.c_contiguous else memoryview(np.ascontiguousarray(rows)).cast("B")
@@ -156,15 +158,13 @@ def _stored_png_of(header: bytes, rows: np.ndarray) -> bytes:
         n = min(_STORED_BLOCK, size - start)
         pieces.append(struct.pack("<BHH", start + n == size, n, n ^ 0xFFFF))  # BFINAL, BTYPE 00, LEN, NLEN
         pieces.append(body[start : start + n])
-    if size == 0:
-        pieces.append(b"\x01\x00\x00\xff\xff")
     pieces.append(_inflater.adler32(body).to_bytes(4, "big"))
     crc = _inflater.crc32(b"IDAT")
     for piece in pieces:
         crc = _inflater.crc32(piece, crc)
     length = sum(len(p) for p in pieces)
     return b"".join(
-        [SIGNATURE, _chunk(b"IHDR", header), length.to_bytes(4, "big"), b"IDAT", *pieces, crc.to_bytes(4, "big"), _IEND]
+        [SIGNATURE, ihdr, length.to_bytes(4, "big"), b"IDAT", *pieces, crc.to_bytes(4, "big"), _IEND]
     )
 
 
@@ -337,7 +337,7 @@ def _decode_without_repeats(
     if keep.size > (1 - MIN_REPEATS) * height:
         return None
     header = struct.pack(">IIBBBBB", width, keep.size, depth, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
-    kept, reversed_colour = _decode_opencv(memoryview(_stored_png_of(header, rows[keep])))
+    kept, reversed_colour = _decode_opencv(memoryview(_stored_png_of(_chunk(b"IHDR", header), rows[keep])))
     return np.repeat(kept, np.diff(keep, append=height), axis=0), reversed_colour
 
 

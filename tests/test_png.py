@@ -341,4 +341,17 @@ def test_stored_png_blocks_across_the_64k_limit() -> None:
             rows = np.zeros((h, 1 + 3 * w), np.uint8)
             rows[:, 1:] = image.reshape(h, -1)
             header = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-            np.testing.assert_array_equal(opencv_reference(png._stored_png_of(header, rows)), image)
+            np.testing.assert_array_equal(opencv_reference(png._stored_png_of(png._chunk(b"IHDR", header), rows)), image)
+
+
+def test_a_bad_ihdr_crc_is_refused_as_libpng_refuses_it() -> None:
+    """The repeated-row path writes a new IHDR; a file whose own IHDR is corrupt must still fail."""
+    rgb = _repeating(np.random.default_rng(13), 40, 30, 3, np.dtype(np.uint8), noise=False)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    assert png._decode_without_repeats(*png._inflate_rows(memoryview(bytes(data)))) is not None
+    data[29] ^= 1  # the IHDR's CRC
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_UNCHANGED) is None
+    with pytest.raises(PNGError):
+        decode_png(bytes(data))
