@@ -201,7 +201,7 @@ def pq_image(
     # runs on which both maps are constant: one comparison pass, then work per run, not per pixel
     starts = row_run_starts(gt_ids, pred_ids)
     runs = (gt_ids.ravel()[starts], pred_ids.ravel()[starts], np.diff(starts, append=gt_ids.size))
-    return _match(*runs, gt_segments, pred_segments, categories, name)
+    return pq_image_merged_runs(*runs, gt_segments, pred_segments, categories, name)
 
 
 def pq_image_runs(
@@ -215,7 +215,7 @@ def pq_image_runs(
     """`pq_image` on run-length maps (genpan.coco_panoptic.read_panoptic_runs): what pq_compute uses."""
     if gt.shape != pred.shape:
         raise PQInputError(f"{name}: prediction size {pred.shape} differs from ground truth size {gt.shape}")
-    return _match(*_merged_runs(gt, pred), gt_segments, pred_segments, categories, name)
+    return pq_image_merged_runs(*_merged_runs(gt, pred), gt_segments, pred_segments, categories, name)
 
 
 def pq_image_merged_runs(
@@ -228,20 +228,8 @@ def pq_image_merged_runs(
     name: str = "image",
 ) -> ImageStats:
     """`pq_image` on runs covering the image on which both maps are constant: (GT id, pred id, pixel
-    count) of each (genpan.png.rgb_run_pair_fast reads them from two OpenCV-written PNGs at once)."""
-    return _match(gt_run_ids, pred_run_ids, lengths, gt_segments, pred_segments, categories, name)
-
-
-def _match(
-    gt_run_ids: np.ndarray,
-    pred_run_ids: np.ndarray,
-    lengths: np.ndarray,
-    gt_segments: Sequence[Mapping[str, Any]],
-    pred_segments: Sequence[Mapping[str, Any]],
-    categories: CategoryTable | Sequence[Mapping[str, Any]],
-    name: str,
-) -> ImageStats:
-    """The matching itself, from the (GT id, pred id, pixel count) of runs covering the image."""
+    count) of each. The matching itself: every other entry point reduces its input to such runs
+    (genpan.png.rgb_run_pair_fast reads them from two OpenCV-written PNGs at once)."""
     if not isinstance(categories, CategoryTable):
         categories = CategoryTable.from_coco(categories)
     cat_index = categories.index
