@@ -244,10 +244,8 @@ def pq_image_merged_runs(
     pair_g, pair_p, inter = _pair_counts(g, p, lengths, n_g, n_p)
     gt_area = np.bincount(pair_g, weights=inter, minlength=n_g).astype(np.int64)
     pred_area = np.bincount(pair_p, weights=inter, minlength=n_p).astype(np.int64)
-    for area, seg, side in ((gt_area, gt, "ground truth"), (pred_area, pred, "prediction")):
-        absent = seg.ids[area[1:] == 0]
-        if absent.size:
-            raise PQInputError(f"{name} ({side}): segment ids {absent[:10].tolist()} are in the JSON but not in the PNG")
+    _absent(gt_area, gt, "ground truth", name)
+    _absent(pred_area, pred, "prediction", name)
     pred_on_void = np.zeros(n_p, np.int64)
     on_void = pair_g == 0
     pred_on_void[pair_p[on_void]] = inter[on_void]
@@ -270,11 +268,7 @@ def pq_image_merged_runs(
 
     fn_g = np.flatnonzero(~gt_matched[1:] & ~gt.crowd) + 1
 
-    # The reference ignores a prediction mostly on void + the crowd segment of its category, keeping
-    # one crowd segment per category: the last in JSON order.
-    crowd_of_cat = np.full(len(categories), -1, np.int64)
-    crowd_rows = np.flatnonzero(gt.crowd)
-    crowd_of_cat[gt.cat[crowd_rows]] = crowd_rows + 1  # fancy assignment: the last write wins
+    crowd_of_cat = _crowd_of_category(gt, len(categories))
     pred_on_crowd = np.zeros(n_p, np.int64)
     on_crowd = crowd_of_cat[pred_cat[mp].clip(0)] == mg
     pred_on_crowd[mp[on_crowd]] = mi[on_crowd]
@@ -282,25 +276,49 @@ def pq_image_merged_runs(
     ignored = (pred_on_void[unmatched] + pred_on_crowd[unmatched]) / pred_area[unmatched] > 0.5
     fp_p = unmatched[~ignored]
 
-    n_cat = len(categories)
+    return _image_stats(categories, gt, gt_area[1:], (gt_cat[tp_g], gt_cat[fn_g], pred_cat[fp_p]), tp_iou,
+                        gt_area[np.concatenate([tp_g, fn_g])], pred_area[tp_p], pred_area[fp_p])
+
+
+def _crowd_of_category(gt: _Segments, n_cat: int) -> np.ndarray:
+    """1-based GT index of each category's crowd segment, −1 for none. The reference ignores a prediction
+    mostly on void + the crowd segment of its category, keeping one crowd segment per category: the last
+    in JSON order."""
+    crowd_of_cat = np.full(n_cat, -1, np.int64)
+    crowd_rows = np.flatnonzero(gt.crowd)
+    crowd_of_cat[gt.cat[crowd_rows]] = crowd_rows + 1  # fancy assignment: the last write wins
+    return crowd_of_cat
+
+
+def _image_stats(
+    categories: CategoryTable,
+    gt: _Segments,
+    gt_area: np.ndarray,
+    cats: tuple[np.ndarray, np.ndarray, np.ndarray],
+    tp_iou: np.ndarray,
+    tp_fn_gt_area: np.ndarray,
+    tp_pred_area: np.ndarray,
+    fp_pred_area: np.ndarray,
+) -> ImageStats:
+    """Counts and segment records of one image from its matches: `cats` = category index of each TP, FN
+    and FP; areas in the same order; `gt_area` the measured area of every GT segment (JSON order)."""
+    tp_cat, fn_cat, fp_cat = cats
+    n_cat, n_tp, n_fn = len(categories), tp_cat.size, fn_cat.size
     stats = ImageStats(
-        tp=np.bincount(gt_cat[tp_g], minlength=n_cat).astype(np.int64),
-        fp=np.bincount(pred_cat[fp_p], minlength=n_cat).astype(np.int64),
-        fn=np.bincount(gt_cat[fn_g], minlength=n_cat).astype(np.int64),
-        iou=np.bincount(gt_cat[tp_g], weights=tp_iou, minlength=n_cat),
-        segments=np.zeros(tp_g.size + fn_g.size + fp_p.size, SEGMENT_DTYPE),
+        tp=np.bincount(tp_cat, minlength=n_cat).astype(np.int64),
+        fp=np.bincount(fp_cat, minlength=n_cat).astype(np.int64),
+        fn=np.bincount(fn_cat, minlength=n_cat).astype(np.int64),
+        iou=np.bincount(tp_cat, weights=tp_iou, minlength=n_cat),
+        segments=np.zeros(n_tp + n_fn + fp_cat.size, SEGMENT_DTYPE),
     )
-    cat_ids = np.asarray(categories.ids, np.int64)
     rows = stats.segments
-    n_tp, n_fn = tp_g.size, fn_g.size
-    rows["kind"] = np.repeat(np.array([TP, FN, FP], np.int8), [n_tp, n_fn, fp_p.size])
-    rows["category_id"] = cat_ids[np.concatenate([gt_cat[tp_g], gt_cat[fn_g], pred_cat[fp_p]])]
-    rows["gt_area"][: n_tp + n_fn] = gt_area[np.concatenate([tp_g, fn_g])]
-    rows["pred_area"][:n_tp] = pred_area[tp_p]
-    rows["pred_area"][n_tp + n_fn :] = pred_area[fp_p]
+    rows["kind"] = np.repeat(np.array([TP, FN, FP], np.int8), [n_tp, n_fn, fp_cat.size])
+    rows["category_id"] = np.asarray(categories.ids, np.int64)[np.concatenate([tp_cat, fn_cat, fp_cat])]
+    rows["gt_area"][: n_tp + n_fn] = tp_fn_gt_area
+    rows["pred_area"][:n_tp] = tp_pred_area
+    rows["pred_area"][n_tp + n_fn :] = fp_pred_area
     rows["iou"][:n_tp] = tp_iou
-    has_area = gt.json_area >= 0
-    stats.gt_area_mismatches = int((gt.json_area[has_area] != gt_area[1:][has_area]).sum())
+    stats.gt_area_mismatches = int(np.count_nonzero((gt.json_area != gt_area) & (gt.json_area >= 0)))
     return stats
 
 
@@ -313,8 +331,9 @@ def _absent(area: np.ndarray, seg: _Segments, side: str, name: str) -> None:
 def _match_dense(
     g: np.ndarray, p: np.ndarray, lengths: np.ndarray, gt: _Segments, pred: _Segments, categories: CategoryTable, name: str
 ) -> ImageStats:
-    """`_match` on the (n_g + 1) × n_p intersection matrix (index 0 void; the extra last row stays zero,
-    so that index −1 reads "no crowd segment"). Same numbers as the sparse path, record for record."""
+    """The matching of `pq_image_merged_runs` on the (n_g + 1) × n_p intersection matrix (index 0 void;
+    the extra last row stays zero, so that index −1 reads "no crowd segment"). Same numbers as the
+    sparse path, record for record."""
     n_g, n_p = gt.ids.size + 1, pred.ids.size + 1
     inter = np.bincount(g * n_p + p, weights=lengths, minlength=(n_g + 1) * n_p).reshape(n_g + 1, n_p)
     gt_area, pred_area = inter.sum(1)[:n_g], inter.sum(0)
@@ -332,34 +351,13 @@ def _match_dense(
     tp_g, tp_p = np.nonzero(match)  # at most one match per row and column (IoU > 0.5)
     tp_iou = iou[tp_g, tp_p]
     fn_g = np.flatnonzero(~(match.any(1) | gt.crowd))
-    # the reference ignores a prediction mostly on void + the crowd segment of its category, keeping
-    # one crowd segment per category: the last in JSON order
-    crowd_of_cat = np.full(len(categories), -1, np.int64)
-    crowd_rows = np.flatnonzero(gt.crowd)
-    crowd_of_cat[gt.cat[crowd_rows]] = crowd_rows + 1  # fancy assignment: the last write wins
+    crowd_of_cat = _crowd_of_category(gt, len(categories))
     on_crowd = inter[crowd_of_cat[pred.cat], np.arange(1, n_p)]  # row −1: the zero row
     ignored = (pred_void + on_crowd) / pred_area[1:] > 0.5
     fp_p = np.flatnonzero(~(match.any(0) | ignored))
 
-    n_cat, n_tp, n_fn = len(categories), tp_g.size, fn_g.size
-    tp_cat, fn_cat, fp_cat = gt.cat[tp_g], gt.cat[fn_g], pred.cat[fp_p]
-    stats = ImageStats(
-        tp=np.bincount(tp_cat, minlength=n_cat),
-        fp=np.bincount(fp_cat, minlength=n_cat),
-        fn=np.bincount(fn_cat, minlength=n_cat),
-        iou=np.bincount(tp_cat, weights=tp_iou, minlength=n_cat),
-        segments=np.zeros(n_tp + n_fn + fp_p.size, SEGMENT_DTYPE),
-    )
-    rows = stats.segments
-    rows["kind"][n_tp : n_tp + n_fn] = FN
-    rows["kind"][n_tp + n_fn :] = FP
-    rows["category_id"] = np.asarray(categories.ids, np.int64)[np.concatenate([tp_cat, fn_cat, fp_cat])]
-    rows["gt_area"][: n_tp + n_fn] = gt_area[1:][np.concatenate([tp_g, fn_g])]
-    rows["pred_area"][:n_tp] = pred_area[1:][tp_p]
-    rows["pred_area"][n_tp + n_fn :] = pred_area[1:][fp_p]
-    rows["iou"][:n_tp] = tp_iou
-    stats.gt_area_mismatches = int(np.count_nonzero((gt.json_area != gt_area[1:]) & (gt.json_area >= 0)))
-    return stats
+    return _image_stats(categories, gt, gt_area[1:], (gt.cat[tp_g], gt.cat[fn_g], pred.cat[fp_p]), tp_iou,
+                        gt_area[1:][np.concatenate([tp_g, fn_g])], pred_area[1:][tp_p], pred_area[1:][fp_p])
 
 
 def category_scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, iou: np.ndarray) -> dict[str, np.ndarray]:
