@@ -178,9 +178,7 @@ def _score_task(task: _ImageTask) -> ImageStats:
         pair = rgb_run_pair_fast(gt_png, pred_png)  # both OpenCV-written: runs of both read in one pass
         if pair is not None:
             shape, starts, gt_ids, pred_ids = pair
-            lengths = np.empty_like(starts)
-            np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
-            lengths[-1] = shape[0] * shape[1] - starts[-1]
+            lengths = np.diff(starts, append=shape[0] * shape[1])
             return pq_image_merged_runs(gt_ids, pred_ids, lengths, task.gt_segments, task.pred_segments, _worker_categories, task.name)
         gt_runs = decode_panoptic_runs(gt_png, task.gt_png)
         pred_runs = decode_panoptic_runs(pred_png, task.pred_png)

@@ -39,6 +39,7 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # colour type → samples per pixel. Not here: palette (3), and gray+alpha (4), which OpenCV expands to
 # BGRA, so that one shape comes out of either path.
 CHANNELS = {0: 1, 2: 3, 6: 4}
+_COLOUR_TYPE = {n: colour for colour, n in CHANNELS.items()}
 NONE, SUB, UP = 0, 1, 2
 
 
@@ -336,7 +337,7 @@ def _decode_without_repeats(
     keep = np.flatnonzero(~repeats)
     if keep.size > (1 - MIN_REPEATS) * height:
         return None
-    header = struct.pack(">IIBBBBB", width, keep.size, depth, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, keep.size, depth, _COLOUR_TYPE[channels], 0, 0, 0)
     kept, reversed_colour = _decode_opencv(memoryview(_stored_png_of(_chunk(b"IHDR", header), rows[keep])))
     return np.repeat(kept, np.diff(keep, append=height), axis=0), reversed_colour
 
