@@ -86,9 +86,8 @@ def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.
     return batch * steps / (time.perf_counter() - start), flops
 
 
-def bare_jpeg_decode(urls: list[str]) -> tuple[int, float]:
-    """Images decoded and seconds, reading the tars in order and decoding only the images."""
-    global JPEG_CPU_S
+def bare_jpeg_decode(urls: list[str]) -> tuple[int, float, float]:
+    """(images decoded, seconds, CPU seconds), reading the tars in order and decoding only the images."""
     count, start, cpu = 0, time.perf_counter(), time.process_time()
     for url in urls:
         with tarfile.open(url) as tar:
@@ -98,12 +97,7 @@ def bare_jpeg_decode(urls: list[str]) -> tuple[int, float]:
                     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
                     cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
                     count += 1
-    JPEG_CPU_S = time.process_time() - cpu
-    return count, time.perf_counter() - start
-
-
-JPEG_CPU_S = 0.0  # CPU seconds of the last bare_jpeg_decode (the extra, load-independent row)
-LOADER_CPU_S = 0.0  # CPU seconds of the workers and this process over the last timed loader window
+    return count, time.perf_counter() - start, time.process_time() - cpu
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -128,11 +122,11 @@ def full_decode(urls: list[str]) -> float:
     return len(raws) / (time.perf_counter() - start)
 
 
-def loader_throughput(shards: str, workers: int, batch: int, images: int) -> float:
+def loader_throughput(shards: str, workers: int, batch: int, images: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image of the workers and this process) over `images` loaded images."""
     # a long epoch: no worker restart inside the timed window
     cfg = DataConfig(shards=shards, micro_batch=batch, num_workers=workers, shuffle_buffer=64, shuffle_initial=16,
                      epoch_size=100 * images)
-    global LOADER_CPU_S
     stream = BatchStream(cfg, seed=0)
     next(stream)  # workers started, buffers filled
     pids = [w.pid for w in getattr(stream._iterator, "_workers", [])]
@@ -141,8 +135,7 @@ def loader_throughput(shards: str, workers: int, batch: int, images: int) -> flo
     while seen < images:
         seen += len(next(stream)["key"])
     rate = seen / (time.perf_counter() - start)
-    LOADER_CPU_S = (sum(map(_process_cpu_s, pids)) + time.process_time() - cpu) * images / seen
-    return rate
+    return rate, (sum(map(_process_cpu_s, pids)) + time.process_time() - cpu) / seen
 
 
 def make_shards(root: Path, num_images: int, min_size: int, max_size: int) -> Path:
@@ -194,16 +187,16 @@ def main(argv: list[str] | None = None) -> int:
             decode_ips = loader_ips = 0.0
             jpeg_cpu = loader_cpu = float("inf")
             for _ in range(args.repeats):
-                count, seconds = bare_jpeg_decode(urls)
-                decode_ips, jpeg_cpu = max(decode_ips, count / seconds), min(jpeg_cpu, JPEG_CPU_S)
-                loader_ips = max(loader_ips, loader_throughput(shards, args.workers, args.loader_batch, 2 * count))
-                loader_cpu = min(loader_cpu, LOADER_CPU_S)
+                count, seconds, cpu_s = bare_jpeg_decode(urls)
+                decode_ips, jpeg_cpu = max(decode_ips, count / seconds), min(jpeg_cpu, cpu_s / count)
+                rate, cpu_per_image = loader_throughput(shards, args.workers, args.loader_batch, 2 * count)
+                loader_ips, loader_cpu = max(loader_ips, rate), min(loader_cpu, cpu_per_image)
             fields_ips = full_decode(urls)
             print(f"bare JPEG decode: {decode_ips:.1f} images/s ({count} images, 1 process, best of {args.repeats})")
             print(f"decode of every field (image + label PNGs + json), 1 process, no pipeline: {fields_ips:.1f} images/s")
             print(f"loader ({args.workers} workers, all fields + collate): {loader_ips:.1f} images/s")
             if 0 < loader_cpu < float("inf") and 0 < jpeg_cpu < float("inf"):  # CPU time hardly depends on the load
-                loader_ms, jpeg_ms = 1e3 * loader_cpu / (2 * count), 1e3 * jpeg_cpu / count
+                loader_ms, jpeg_ms = 1e3 * loader_cpu, 1e3 * jpeg_cpu
                 print(f"CPU per image: loader {loader_ms:.3f} ms (workers + this process), bare JPEG decode {jpeg_ms:.3f} ms;"
                       f" with {args.workers} free cores the loader would reach {args.workers * jpeg_ms / loader_ms:.2f}x the decode")
             print(f"RESULT loader_over_decode={loader_ips / decode_ips:.3f}")
