@@ -116,9 +116,13 @@ def prep_seconds(data: Path, scratch: Path, num_cpus: int, per_shard: int, repea
         ray.shutdown()
 
 
-def targets_seconds(refs: list, reader) -> float:
-    """Seconds of build_targets alone over every sample (loaded and validated before the clock starts)."""
-    samples = [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
+def loaded_samples(refs: list, reader) -> list[Sample]:
+    """Every good sample, loaded and validated once, for the timings of the target functions."""
+    return [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
+
+
+def targets_seconds(samples: list[Sample], reader) -> float:
+    """Seconds of build_targets alone over the loaded samples."""
     train_id_of, things = category_lookups(reader)
     t0 = time.perf_counter()
     for s in samples:
@@ -138,9 +142,8 @@ def in_process_seconds(refs: list, reader, scratch: Path, per_shard: int, compre
     return time.perf_counter() - t0
 
 
-def breakdown(refs: list, reader) -> dict[str, float]:
-    """Seconds per sample of each target function on the same samples."""
-    samples = [s for s in (reader.load(r) for r in refs) if isinstance(s, Sample)]
+def breakdown(refs: list, samples: list[Sample], reader) -> dict[str, float]:
+    """Seconds per sample of each target function on the loaded samples, and of reader.load on `refs`."""
     train_id_of, things = category_lookups(reader)
     parts = {
         "semantic_map": lambda s: semantic_map(s.pan_ids, s.segments, train_id_of),
@@ -196,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         one = prep_seconds(data, tmp_path, 1, args.per_shard, args.repeats)
         floor, cast_floor = (min(a, b) for a, b in zip((floor, cast_floor), floors(), strict=True))  # before and after
         two = None if args.skip_scaling else prep_seconds(data, tmp_path, 2, args.per_shard, args.repeats)
-        targets = min(targets_seconds(refs, reader) for _ in range(args.repeats))
+        samples = loaded_samples(refs, reader)
+        targets = min(targets_seconds(samples, reader) for _ in range(args.repeats))
         inproc = min(in_process_seconds(refs, reader, tmp_path / f"inproc{i}", args.per_shard, args.compression)
                      for i in range(args.repeats))
-        parts = breakdown(refs, reader)
+        parts = breakdown(refs, samples, reader)
     n = len(refs)
     print(f"images: {n} of {args.min_size}-{args.max_size} px; PNG compression {args.compression}; GT PNGs by {args.gt_writer}")
     print(f"floor (1 core):  {n / floor:8.1f} samples/s  ({1000 * floor / n:.2f} ms/sample)")
