@@ -169,17 +169,48 @@ def _stored_png_of(ihdr: bytes, rows: np.ndarray) -> bytes:
     )
 
 
-def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: int) -> np.ndarray | None:
+def _pixel_view(rows: np.ndarray, width: int, height: int, channels: int, depth: int) -> np.ndarray | None:
+    """The unfiltered samples of None/Sub/Up rows in file byte order (16-bit as big-endian ">u2"); for a
+    None-filtered file a read-only view of the inflated rows, no copy. None for Average/Paeth rows."""
     filters = rows[:, 0]
-    if filters.max() > UP:
-        return None
     pixels = rows[:, 1:].reshape(height, width, channels * depth // 8)
-    out = _unfilter(pixels, filters)
+    if not filters.any():  # filter None throughout (this project's label maps): the rows are the pixels
+        out = pixels
+    elif filters.max() > UP:
+        return None
+    else:
+        out = _unfilter(pixels, filters)
     if depth == 16:
-        out = out.view(">u2").astype(np.uint16)  # PNG samples are big-endian
-    out = out[..., 0] if channels == 1 else out
+        out = out.view(">u2")  # PNG samples are big-endian
+    return out[..., 0] if channels == 1 else out
+
+
+def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: int) -> np.ndarray | None:
+    out = _pixel_view(rows, width, height, channels, depth)
+    if out is None:
+        return None
+    if out.dtype.byteorder == ">":
+        return out.astype(np.uint16)  # native order, contiguous, writable: one pass
     # a None-filtered image is still a view of the inflated bytes: hand out a writable, contiguous copy
     return np.array(out, order="C") if not out.flags.writeable or not out.flags.c_contiguous else out
+
+
+def png_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) from the IHDR of PNG bytes, without decoding; PNGError when there is none."""
+    head = bytes(memoryview(data)[:24])
+    if len(head) < 24 or head[:8] != SIGNATURE or head[12:16] != b"IHDR":
+        raise PNGError("not a PNG (no IHDR)")
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
+
+
+def decode_png_view(data: bytes | memoryview) -> np.ndarray:
+    """The pixels `decode_png` gives, possibly as a read-only strided view of the inflated bytes with
+    16-bit samples big-endian (">u2"): for a caller that converts them into its own buffer at once, which
+    then costs one pass instead of a copy out of the rows plus its own (the loader's batch slots)."""
+    inflated = _inflate_rows(memoryview(data).cast("B"))
+    view = None if inflated is None else _pixel_view(*inflated)
+    return decode_png(data) if view is None else view
 
 
 def _sub_rgb_rows(data: bytes | memoryview) -> tuple[np.ndarray, int, int] | None:

@@ -191,14 +191,31 @@ def test_batches_consumed_by_worker_matches_round_robin():
                 assert batches_consumed_by_worker(consumed, w, workers) == sum(1 for i in range(consumed) if i % workers == w)
 
 
+def _raw_sample(key: str, image: np.ndarray, sem: np.ndarray, ins: np.ndarray, dist_half_px: np.ndarray,
+                crowd: list[bool], disp: np.ndarray | None = None) -> dict:
+    """A sample as a shard stores it (prep/shards.py encoders), the image as a lossless PNG."""
+    segments = [{"ins": k, "iscrowd": int(flag)} for k, flag in enumerate(crowd) if k > 0]
+    raw = {"__key__": key, "__url__": "test.tar", "png": cv2.imencode(".png", image[..., ::-1])[1].tobytes(),
+           "sem.png": encode_png(sem, 1), "ins.png": encode_png(ins.astype(np.uint16), 1),
+           "dist.png": encode_png(dist_half_px, 1),
+           "json": json.dumps({"segments": segments, "params": {"dist_scale": 2}}).encode()}
+    if disp is not None:
+        raw["disp.png"] = encode_png(disp, 1)
+    return raw
+
+
+def _parsed(raws: list[dict], depth: str = "none") -> list:
+    from train.data import parse_sample
+
+    return [parse_sample(raw, depth) for raw in raws]
+
+
 def test_collate_pads_with_void():
     rng = np.random.default_rng(3)
-    samples = []
-    for i, (h, w) in enumerate([(5, 7), (6, 4)]):
-        samples.append({"key": f"k{i}", "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
-                        "sem": np.zeros((h, w), np.uint8), "ins": np.ones((h, w), np.int32),
-                        "dist": np.ones((h, w), np.int32), "crowd": np.array([False, i == 1])})
-    batch = collate(samples)
+    raws = [_raw_sample(f"k{i}", rng.integers(0, 255, (h, w, 3), dtype=np.uint8), np.zeros((h, w), np.uint8),
+                        np.ones((h, w), np.int32), np.ones((h, w), np.uint8), [False, i == 1])
+            for i, (h, w) in enumerate([(5, 7), (6, 4)])]
+    batch = collate(_parsed(raws))
     assert batch["image"].shape == (2, 3, 6, 7)
     assert bool((batch["sem"][0, 5:] == IGNORE).all()) and bool((batch["ins"][1, :, 4:] == 0).all())
     assert batch["size"].tolist() == [[5, 7], [6, 4]]
@@ -206,6 +223,68 @@ def test_collate_pads_with_void():
     # every field is a view of one buffer: a worker hands the trainer one shared-memory segment
     storages = {batch[k].untyped_storage().data_ptr() for k in ("image", "sem", "ins", "dist", "size", "crowd")}
     assert len(storages) == 1 and batch["ins"].dtype == torch.int16 and batch["dist"].dtype == torch.int16
+
+
+def test_batch_decoded_in_place_matches_opencv_decode_of_each_field():
+    """Each field decoded straight into the padded batch equals OpenCV's decode of the stored PNG,
+    converted to the batch unit, in its top-left corner, with void around it (also over a reused slot)."""
+    from prep.shards import DISP_SCALE
+    from train.data import SlotPool, SlotReceiver
+
+    rng = np.random.default_rng(7)
+    sizes = [(9, 13), (12, 5), (1, 1)]
+    raws = [_raw_sample(f"k{i}", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 9, (h, w), dtype=np.uint8),
+                        rng.integers(0, 3000, (h, w)), rng.integers(0, 256, (h, w), dtype=np.uint8),
+                        [False, True, False], rng.integers(0, 65536, (h, w)).astype(np.uint16))
+            for i, (h, w) in enumerate(sizes)]
+    receiver = SlotReceiver()
+    pool = SlotPool(receiver.id)
+    stale = pool.collate(_parsed([raws[1], raws[0]], "disp")).open()  # fills the slot with other pixels
+    del stale
+    import gc
+
+    gc.collect()
+    message = pool.collate(_parsed(raws, "disp"))
+    assert message.slot == 0  # the stale slot was reused
+    for batch in (message.open(), collate(_parsed(raws, "disp"))):
+        assert batch["image"].shape == (3, 3, 12, 13)
+        for i, ((h, w), raw) in enumerate(zip(sizes, raws)):
+            def stored(name):
+                return cv2.imdecode(np.frombuffer(raw[name], np.uint8), cv2.IMREAD_UNCHANGED)
+
+            expect = {"image": stored("png")[..., ::-1].transpose(2, 0, 1), "sem": stored("sem.png"),
+                      "ins": stored("ins.png").astype(np.int64), "dist": stored("dist.png").astype(np.int64) * (DIST_SCALE // 2),
+                      "disp": stored("disp.png").astype(np.float32) / np.float32(DISP_SCALE)}
+            void = {"image": 0, "sem": IGNORE, "ins": 0, "dist": 0, "disp": 0.0}
+            for name, value in expect.items():
+                got = batch[name][i].numpy()
+                full = np.full(got.shape, void[name], dtype=got.dtype)
+                full[..., :h, :w] = value
+                np.testing.assert_array_equal(got, full, err_msg=name)
+            valid = np.zeros((12, 13), bool)
+            valid[:h, :w] = True
+            np.testing.assert_array_equal(batch["depth_valid"][i].numpy(), valid)
+        assert batch["crowd"].tolist() == [[False, True, False]] * 3
+
+
+def test_parse_sample_names_the_bad_field():
+    from train.data import decode_sample, parse_sample
+
+    rng = np.random.default_rng(8)
+    raw = _raw_sample("k0", rng.integers(0, 255, (6, 7, 3), dtype=np.uint8), np.zeros((6, 7), np.uint8),
+                      np.zeros((6, 7), np.int32), np.zeros((6, 7), np.uint8), [False])
+    with pytest.raises(ValueError, match="no disp.png"):
+        parse_sample(raw, "disp")
+    with pytest.raises(ValueError, match="no ins.png"):
+        parse_sample({k: v for k, v in raw.items() if k != "ins.png"})
+    with pytest.raises(ValueError, match="ins.png is"):  # a label map of another size than the image
+        decode_sample({**raw, "ins.png": encode_png(np.zeros((6, 8), np.uint16), 1)})
+    with pytest.raises(ValueError, match="the image is 5×7"):
+        decode_sample({**raw, "png": cv2.imencode(".png", np.zeros((5, 7, 3), np.uint8))[1].tobytes()})
+    with pytest.raises(ValueError, match="cannot decode dist.png"):
+        decode_sample({**raw, "dist.png": raw["dist.png"][:40]})
+    with pytest.raises(ValueError, match="unreadable json"):
+        parse_sample({**raw, "json": b"{"})
 
 
 def test_decode_sample_int16_maps_and_instance_limit():
@@ -283,12 +362,11 @@ def test_disjoint_shard_mode_needs_enough_shards(shards):
 
 
 # -- reused shared-memory slots (workers → trainer) ---------------------------------------------------
-def _samples(sizes: list[tuple[int, int]], seed: int) -> list[dict]:
+def _samples(sizes: list[tuple[int, int]], seed: int) -> list:
     rng = np.random.default_rng(seed)
-    return [{"key": f"k{seed}-{i}", "image": rng.integers(0, 255, (h, w, 3), dtype=np.uint8),
-             "sem": rng.integers(0, 9, (h, w), dtype=np.uint8), "ins": rng.integers(0, 5, (h, w)).astype(np.int16),
-             "dist": rng.integers(0, 900, (h, w)).astype(np.int16), "crowd": np.array([False] * (i + 1) + [True])}
-            for i, (h, w) in enumerate(sizes)]
+    return _parsed([_raw_sample(f"k{seed}-{i}", rng.integers(0, 255, (h, w, 3), dtype=np.uint8), rng.integers(0, 9, (h, w), dtype=np.uint8),
+                                rng.integers(0, 5, (h, w)), rng.integers(0, 200, (h, w), dtype=np.uint8), [False] * (i + 1) + [True])
+                    for i, (h, w) in enumerate(sizes)])
 
 
 def _assert_batches_equal(a: dict, b: dict) -> None:

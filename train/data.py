@@ -5,7 +5,8 @@
     batch = to_device(next(stream), device)        # padded CPU batch → device
     images, targets = augmenter(batch)             # train/augment.py, on the device
 
-Pipeline per DataLoader worker: shard source → tar → shuffle buffer → decode (OpenCV) → batch + collate.
+Pipeline per DataLoader worker: shard source → tar → shuffle buffer → parse (sizes, json) → batch →
+decode every field straight into the batch buffer (OpenCV JPEG, genpan.png label maps).
 - Shard source, `resampled = true` (default): each (rank, worker) draws shards with replacement from its
   own seeded RNG, and `with_epoch` cuts the endless stream into equal per-worker epochs, so every rank
   gets the same number of batches whatever the shard sizes (no rank waits on another at an epoch end).
@@ -47,7 +48,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch import Tensor
 
-from genpan.png import PNGError, decode_png
+from genpan.png import PNGError, decode_png_view, png_size
 from prep.shards import DISP_SCALE, check_sample_key
 from prep.targets import DIST_SCALE, DIST_SCALES, IGNORE
 from train.tar_samples import tar_samples
@@ -145,47 +146,47 @@ def shard_categories(urls: list[str]) -> list[list[Any]]:
 
 
 # -- decoding (in the DataLoader workers) ---------------------------------------------------------------
+# A sample is read in two steps: `parse_sample` reads what the batch layout needs (sizes from the PNG
+# header, crowd flags and scales from the json) when the sample leaves the shuffle buffer, and
+# `decode_into` decodes every field straight into its place in the batch buffer, converting to the batch
+# dtype in the same pass. Decoding into per-sample arrays first and copying them into the batch cost a
+# second (ins, dist: a third) pass over every map, a fifth of a worker's time at 128-256 px.
 INT16_MAX = np.iinfo(np.int16).max
+LABEL_FIELDS = ("sem.png", "ins.png", "dist.png")
 
 
-def _png(data: bytes, what: str, key: str) -> np.ndarray:
-    try:
-        return decode_png(data)
-    except PNGError:
-        raise ValueError(f"sample {key}: cannot decode {what}") from None
+@dataclass
+class ParsedSample:
+    """A raw sample whose header fields are read and checked; its pixels are not decoded yet."""
+
+    key: str
+    raw: dict[str, Any]
+    height: int
+    width: int
+    crowd: np.ndarray  # (max instance index + 1,) bool, crowd flag per instance index
+    dist_factor: int  # stored dist.png unit → the batch's 1/DIST_SCALE px
+    depth: str  # "none", "disp" or "depth" (data.depth)
+
+    @property
+    def image_bytes(self) -> bytes:
+        return self.raw.get("jpg", self.raw.get("png"))
 
 
-def _int16(values: np.ndarray) -> np.ndarray:
-    """uint16 values known to be < 2^15 reinterpreted without a copy; any other dtype converted."""
-    return values.view(np.int16) if values.dtype == np.uint16 else values.astype(np.int16)
-
-
-def _batch_distance(stored: np.ndarray, meta: dict[str, Any], key: str) -> np.ndarray:
-    """dist.png values at the shard's scale (json params.dist_scale; 64 before PREP_VERSION 2) → int16 in
-    1/DIST_SCALE px, saturating at 32767 / 64 = 512 px, where every EDS weight is already wmin."""
-    scale = int(meta.get("params", {}).get("dist_scale", DIST_SCALE))
-    if scale not in DIST_SCALES:
-        raise ValueError(f"sample {key}: dist_scale {scale} is not one of {DIST_SCALES}")
-    factor = DIST_SCALE // scale
-    if stored.dtype == np.uint8 and factor * 255 <= INT16_MAX:  # the default: a widening multiply, no clip
-        out = stored.astype(np.int16)
-        out *= factor
-        return out
-    if factor == 1:
-        return _int16(np.minimum(stored, INT16_MAX))
-    return np.minimum(stored.astype(np.int32) * factor, INT16_MAX).astype(np.int16)
-
-
-def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
-    """Raw tar members of one sample → numpy arrays: image (H, W, 3) RGB uint8, sem, ins, dist, crowd flags."""
+def parse_sample(raw: dict[str, Any], depth: str = "none") -> ParsedSample:
+    """Check a raw sample's key and fields and read its size, crowd flags and distance scale."""
     key = check_sample_key(raw["__key__"], f"shard {raw.get('__url__', '?')}")
-    image_bytes = raw.get("jpg", raw.get("png"))
-    if image_bytes is None:
+    if raw.get("jpg", raw.get("png")) is None:
         raise ValueError(f"sample {key}: no jpg or png image")
-    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"sample {key}: cannot decode the image")
-    meta = json.loads(raw["json"])
+    needed = [*LABEL_FIELDS, "json"] + ([f"{depth}.png"] if depth != "none" else [])
+    missing = [name for name in needed if name not in raw]
+    if missing:
+        hint = f" (data.depth = {depth!r})" if f"{depth}.png" in missing else ""
+        raise ValueError(f"sample {key}: the shard has no {', '.join(missing)}{hint}")
+    try:
+        meta = json.loads(raw["json"])
+        height, width = png_size(raw["sem.png"])
+    except (ValueError, PNGError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"sample {key}: unreadable json or sem.png header ({exc})") from None
     segments = meta.get("segments", [])
     max_ins = max((int(s.get("ins", 0)) for s in segments), default=0)
     if max_ins > INT16_MAX:
@@ -194,54 +195,105 @@ def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
     for s in segments:
         if int(s.get("ins", 0)) > 0 and s.get("iscrowd"):
             crowd[int(s["ins"])] = True
-    out = {
-        "key": key,
-        "image": cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB),
-        "sem": _png(raw["sem.png"], "sem.png", key),
-        # int16 halves what workers copy to the trainer: instance indices are < 2^15 (checked above)
-        "ins": _int16(_png(raw["ins.png"], "ins.png", key)),
-        "dist": _batch_distance(_png(raw["dist.png"], "dist.png", key), meta, key),
-        "crowd": crowd,
+    # dist.png's unit: json params.dist_scale (64 before PREP_VERSION 2, when shards did not record it)
+    scale = int(meta.get("params", {}).get("dist_scale", DIST_SCALE))
+    if scale not in DIST_SCALES:
+        raise ValueError(f"sample {key}: dist_scale {scale} is not one of {DIST_SCALES}")
+    return ParsedSample(key, raw, height, width, crowd, DIST_SCALE // scale, depth)
+
+
+def _plane(sample: ParsedSample, name: str) -> np.ndarray:
+    """A single-channel PNG field's pixels (possibly a read-only view, 16-bit big-endian), size-checked."""
+    try:
+        pixels = decode_png_view(sample.raw[name])
+    except PNGError:
+        raise ValueError(f"sample {sample.key}: cannot decode {name}") from None
+    if pixels.ndim != 2 or pixels.shape != (sample.height, sample.width):
+        raise ValueError(f"sample {sample.key}: {name} is {pixels.shape}, expected a single-channel "
+                         f"{sample.height}×{sample.width} map")
+    return pixels
+
+
+def _distance_into(out: np.ndarray, stored: np.ndarray, factor: int) -> None:
+    """dist.png values × `factor` → int16 1/DIST_SCALE px, saturating at 32767 / 64 = 512 px (where every
+    EDS weight is already wmin); one pass."""
+    if stored.dtype == np.uint8 and factor * 255 <= INT16_MAX:  # the default: a widening multiply, no clip
+        np.multiply(stored, factor, out=out, dtype=np.int16, casting="unsafe")
+    elif factor == 1:
+        np.minimum(stored, INT16_MAX, out=out, casting="unsafe")
+    else:
+        np.copyto(out, np.minimum(stored.astype(np.int32) * factor, INT16_MAX), casting="unsafe")
+
+
+def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
+    """Decode every field of `sample` into `out`: image (h, w, 3) uint8 RGB, sem (h, w) uint8, ins and
+    dist (h, w) int16, and with data.depth `depth` or `disp` (h, w) float32 plus `depth_valid` bool;
+    writable arrays of exactly these shapes and dtypes (views into a batch buffer, as a rule)."""
+    key, raw = sample.key, sample.raw
+    bgr = cv2.imdecode(np.frombuffer(sample.image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"sample {key}: cannot decode the image")
+    if bgr.shape[:2] != (sample.height, sample.width):
+        raise ValueError(f"sample {key}: the image is {bgr.shape[0]}×{bgr.shape[1]}, its labels "
+                         f"{sample.height}×{sample.width}")
+    image = out["image"]
+    if cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=image) is not image:  # OpenCV made its own array instead
+        raise RuntimeError(f"OpenCV did not write into the batch buffer ({image.shape}, strides {image.strides})")
+    np.copyto(out["sem"], _plane(sample, "sem.png"), casting="unsafe")
+    # int16 halves what workers copy to the trainer: instance indices are < 2^15 (parse_sample checks)
+    np.copyto(out["ins"], _plane(sample, "ins.png"), casting="unsafe")
+    _distance_into(out["dist"], _plane(sample, "dist.png"), sample.dist_factor)
+    if sample.depth == "depth":  # depth.png: millimetres, 0 = no measurement
+        stored = _plane(sample, "depth.png")
+        np.divide(stored, 1000.0, out=out["depth"], dtype=np.float32, casting="unsafe")
+        np.greater(stored, 0, out=out["depth_valid"])
+    elif sample.depth == "disp":
+        np.divide(_plane(sample, "disp.png"), DISP_SCALE, out=out["disp"], dtype=np.float32, casting="unsafe")
+        out["depth_valid"][:] = True
+
+
+def _sample_specs(sample: ParsedSample, plane: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype, float]]:
+    """Field → (stored shape with `plane` = leading dims, dtype, void value) of a sample's decoded maps."""
+    specs = {
+        "image": ((*plane, 3), torch.uint8, 0),
+        "sem": (plane, torch.uint8, IGNORE),
+        "ins": (plane, torch.int16, 0),
+        "dist": (plane, torch.int16, 0),
     }
-    if depth != "none":
-        field_name = f"{depth}.png"
-        if field_name not in raw:
-            raise ValueError(f"sample {key}: data.depth = {depth!r} but the shard has no {field_name}")
-        stored = _png(raw[field_name], field_name, key)
-        if depth == "depth":
-            out["depth"] = stored.astype(np.float32) / 1000.0
-            out["depth_valid"] = stored > 0
-        else:
-            out["disp"] = stored.astype(np.float32) / DISP_SCALE
-            out["depth_valid"] = np.ones(stored.shape, dtype=bool)
-    return out
+    if sample.depth != "none":
+        specs[sample.depth] = (plane, torch.float32, 0)
+        specs["depth_valid"] = (plane, torch.bool, False)
+    return specs
+
+
+def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
+    """Raw tar members of one sample → numpy arrays: image (H, W, 3) RGB uint8, sem, ins, dist, crowd flags
+    (and depth/disp + depth_valid); the loader itself decodes straight into its batches (`collate`)."""
+    sample = parse_sample(raw, depth)
+    specs = _sample_specs(sample, (sample.height, sample.width))
+    out = {name: torch.empty(shape, dtype=dtype).numpy() for name, (shape, dtype, _) in specs.items()}
+    decode_into(sample, out)
+    return {"key": sample.key, **out, "crowd": sample.crowd}
 
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype, float]]
 Layout = dict[str, tuple[int, tuple[int, ...], torch.dtype]]
 
 
-def batch_specs(samples: list[dict[str, Any]]) -> Spec:
+def batch_specs(samples: list[ParsedSample]) -> Spec:
     """Field → (stored shape, dtype, padding value) of the padded batch of `samples`. The image is stored
     (B, Hc, Wc, 3), as decoded, and handed out as a (B, 3, Hc, Wc) channels-last view: a CHW copy
     cost more than the rest of the collate."""
-    height = max(s["image"].shape[0] for s in samples)
-    width = max(s["image"].shape[1] for s in samples)
     n = len(samples)
-    plane = (n, height, width)
-    specs = {
-        "image": ((n, height, width, 3), torch.uint8, 0),
-        "sem": (plane, torch.uint8, IGNORE),
-        "ins": (plane, torch.int16, 0),
-        "dist": (plane, torch.int16, 0),
+    plane = (n, max(s.height for s in samples), max(s.width for s in samples))
+    depths = {s.depth for s in samples}
+    if len(depths) > 1:
+        raise ValueError(f"one batch mixes depth targets {sorted(depths)}")
+    return {
+        **_sample_specs(samples[0], plane),
         "size": ((n, 2), torch.long, 0),
-        "crowd": ((n, max(len(s["crowd"]) for s in samples)), torch.bool, False),
+        "crowd": ((n, max(len(s.crowd) for s in samples)), torch.bool, False),
     }
-    depth_key = next((k for k in ("depth", "disp") if k in samples[0]), None)
-    if depth_key:
-        specs[depth_key] = (plane, torch.float32, 0)
-        specs["depth_valid"] = (plane, torch.bool, False)
-    return specs
 
 
 def batch_layout(specs: Spec) -> tuple[Layout, int]:
@@ -266,39 +318,38 @@ def batch_fields(views: dict[str, Tensor]) -> dict[str, Tensor]:
     return {**views, "image": views["image"].permute(0, 3, 1, 2)}
 
 
-def _put(dst: np.ndarray, src: np.ndarray, fill: float) -> None:
-    """src (h, w, ...) into the top-left of dst (H, W, ...), the rest set to `fill`: each byte written once
-    (a reused buffer holds the previous batch, and filling it all first would write the image area twice)."""
-    h, w = src.shape[:2]
-    np.copyto(dst[:h, :w], src, casting="same_kind")
+def _pad(dst: np.ndarray, h: int, w: int, fill: float) -> None:
+    """Set everything of dst (H, W, ...) outside its top-left h×w to `fill`: each byte is written once (a
+    reused buffer holds the previous batch, and filling it all first would write the image area twice)."""
     if h < dst.shape[0]:
         dst[h:] = fill
     if w < dst.shape[1]:
         dst[:h, w:] = fill
 
 
-def write_batch(views: dict[str, Tensor], specs: Spec, samples: list[dict[str, Any]]) -> None:
-    """Copy the decoded samples into the stored views, padding every field with its void value."""
+def write_batch(views: dict[str, Tensor], specs: Spec, samples: list[ParsedSample]) -> None:
+    """Decode the samples into the stored views, padding every field with its void value."""
     arrays = {name: view.numpy() for name, view in views.items()}
-    planes = [k for k in ("sem", "ins", "dist", "depth", "disp", "depth_valid") if k in arrays]
+    maps = [name for name in specs if name not in ("size", "crowd")]
     for i, s in enumerate(samples):
-        arrays["size"][i] = s["image"].shape[:2]
-        _put(arrays["image"][i], s["image"], 0)
-        for name in planes:
-            _put(arrays[name][i], s[name], specs[name][2])
+        h, w = s.height, s.width
+        arrays["size"][i] = (h, w)
+        decode_into(s, {name: arrays[name][i, :h, :w] for name in maps})
+        for name in maps:
+            _pad(arrays[name][i], h, w, specs[name][2])
         crowd = arrays["crowd"][i]
-        crowd[: len(s["crowd"])] = s["crowd"]
-        crowd[len(s["crowd"]) :] = False
+        crowd[: len(s.crowd)] = s.crowd
+        crowd[len(s.crowd) :] = False
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pad a list of decoded samples to the batch's largest height and width (void labels, zero image);
+def collate(samples: list[ParsedSample]) -> dict[str, Any]:
+    """Decode and pad parsed samples to the batch's largest height and width (void labels, zero image);
     every field is a view of one fresh buffer (inside a DataLoader worker, `SlotPool.collate` is used)."""
     specs = batch_specs(samples)
     layout, total = batch_layout(specs)
     views = layout_views(torch.empty(total, dtype=torch.uint8), layout)
     write_batch(views, specs, samples)
-    return {"key": [s["key"] for s in samples], **batch_fields(views)}
+    return {"key": [s.key for s in samples], **batch_fields(views)}
 
 
 # -- batches in reused shared memory (worker → trainer) -------------------------------------------------
@@ -376,12 +427,12 @@ class SlotPool:
         slot.flag[0] = IN_USE
         return slot
 
-    def collate(self, samples: list[dict[str, Any]]) -> SlotBatch:
+    def collate(self, samples: list[ParsedSample]) -> SlotBatch:
         specs = batch_specs(samples)
         layout, total = batch_layout(specs)
         slot = self.acquire(total)
         write_batch(layout_views(slot.buffer[SLOT_HEADER : SLOT_HEADER + total], layout), specs, samples)
-        message = SlotBatch(self.receiver, self.id, slot.index, total, layout, [s["key"] for s in samples],
+        message = SlotBatch(self.receiver, self.id, slot.index, total, layout, [s.key for s in samples],
                             None if slot.announced else slot.storage, self.retired)
         slot.announced, self.retired = True, []
         return message
@@ -489,7 +540,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_initial, cfg.shuffle_buffer), rng=shuffle_rng),
             # resume: drop the raw samples of batches already trained on, before paying for their decode
             lambda samples: itertools.islice(samples, skip * cfg.micro_batch, None),
-            wds.map(lambda raw: decode_sample(raw, cfg.depth)),
+            wds.map(lambda raw: parse_sample(raw, cfg.depth)),  # the pixels are decoded into the batch
             wds.batched(cfg.micro_batch, collation_fn=SlotPool(self.receiver).collate if info else collate, partial=False),
         ).with_epoch(nbatches=self.batches_per_worker - skip)
         yield from pipeline
