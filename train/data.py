@@ -439,6 +439,10 @@ class SlotPool:
 
 
 def _release(flag: np.ndarray) -> None:
+    # A plain store is enough on weakly ordered CPUs (ARM) too: this runs after the batch storage's last
+    # reference was dropped by c10's intrusive_ptr decrement, an acq_rel atomic, so no read of the batch
+    # can be reordered past this store; the worker reads the flag before it writes the slot and only
+    # writes on a branch taken on the value read, and CPUs do not make stores visible speculatively.
     flag[0] = FREE
 
 
