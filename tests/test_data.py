@@ -283,6 +283,8 @@ def test_parse_sample_names_the_bad_field():
         decode_sample({**raw, "png": cv2.imencode(".png", np.zeros((5, 7, 3), np.uint8))[1].tobytes()})
     with pytest.raises(ValueError, match="cannot decode dist.png"):
         decode_sample({**raw, "dist.png": raw["dist.png"][:40]})
+    with pytest.raises(ValueError, match="sem.png is 16-bit"):
+        decode_sample({**raw, "sem.png": encode_png(np.zeros((6, 7), np.uint16), 1)})
     with pytest.raises(ValueError, match="unreadable json"):
         parse_sample({**raw, "json": b"{"})
 

@@ -239,7 +239,10 @@ def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
     image = out["image"]
     if cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=image) is not image:  # OpenCV made its own array instead
         raise RuntimeError(f"OpenCV did not write into the batch buffer ({image.shape}, strides {image.strides})")
-    np.copyto(out["sem"], _plane(sample, "sem.png"), casting="unsafe")
+    sem = _plane(sample, "sem.png")
+    if sem.dtype != np.uint8:
+        raise ValueError(f"sample {key}: sem.png is 16-bit; train ids are 8-bit (255 = void)")
+    np.copyto(out["sem"], sem)
     # int16 halves what workers copy to the trainer: instance indices are < 2^15 (parse_sample checks)
     np.copyto(out["ins"], _plane(sample, "ins.png"), casting="unsafe")
     _distance_into(out["dist"], _plane(sample, "dist.png"), sample.dist_factor)
