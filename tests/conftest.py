@@ -20,11 +20,11 @@ def ray_address() -> Iterator[str]:
     ray.shutdown()
 
 
-def pytest_unconfigure(config) -> None:
-    """Flush the closing summary line before interpreter shutdown: with output redirected to a file, an
-    atexit handler of a library that ends the process with os._exit would otherwise drop what is still
-    buffered (seen: a full run whose log ended at the short test summary, without the 'N passed' line)."""
+def pytest_configure(config) -> None:
+    """Line-buffer stdout: pytest's closing 'N passed' line is then written out when printed, not left in
+    the buffer for interpreter shutdown (seen twice with output redirected to a file: a full run whose log
+    ended at the short test summary, without that line; a flush in pytest_unconfigure did not prevent it)."""
     import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
