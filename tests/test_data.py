@@ -249,7 +249,7 @@ def test_batch_decoded_in_place_matches_opencv_decode_of_each_field():
     for batch in (message.open(), collate(_parsed(raws, "disp"))):
         assert batch["image"].shape == (3, 3, 12, 13)
         for i, ((h, w), raw) in enumerate(zip(sizes, raws)):
-            def stored(name):
+            def stored(name, raw=raw):
                 return cv2.imdecode(np.frombuffer(raw[name], np.uint8), cv2.IMREAD_UNCHANGED)
 
             expect = {"image": stored("png")[..., ::-1].transpose(2, 0, 1), "sem": stored("sem.png"),

@@ -229,7 +229,7 @@ def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
     """Decode every field of `sample` into `out`: image (h, w, 3) uint8 RGB, sem (h, w) uint8, ins and
     dist (h, w) int16, and with data.depth `depth` or `disp` (h, w) float32 plus `depth_valid` bool;
     writable arrays of exactly these shapes and dtypes (views into a batch buffer, as a rule)."""
-    key, raw = sample.key, sample.raw
+    key = sample.key
     bgr = cv2.imdecode(np.frombuffer(sample.image_bytes, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError(f"sample {key}: cannot decode the image")
