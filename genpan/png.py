@@ -73,12 +73,11 @@ def decode_png_any_order(data: bytes | bytearray | memoryview | np.ndarray) -> t
         return fast, False
     # Average/Paeth rows need libpng's sequential unfilter; hand it the stream already inflated (stored
     # deflate blocks), so that zlib-ng does the inflate: a third less time than libpng alone. Before
-    # that, rows that repeat the one above are taken out (libpng's time is per byte it gets)
-    # (only under an intact IHDR: the shortened file gets a new one, and libpng refuses a bad CRC)
-    if _inflater.crc32(buffer[12:29]) == int.from_bytes(buffer[29:33], "big"):
-        collapsed = _decode_without_repeats(*inflated)
-        if collapsed is not None:
-            return collapsed
+    # that, rows that repeat the one above are taken out (libpng's time is per byte it gets; the IHDR
+    # is intact here, `_inflate_rows` checked it, so the shortened file's new IHDR hides no damage)
+    collapsed = _decode_without_repeats(*inflated)
+    if collapsed is not None:
+        return collapsed
     return _decode_opencv(_stored_png(buffer, inflated[0]))
 
 
@@ -106,6 +105,8 @@ def _inflate_rows(buffer: memoryview) -> tuple[np.ndarray, int, int, int, int] |
     can take (8/16-bit gray/RGB(A), not interlaced); None otherwise."""
     if len(buffer) < 33 or buffer[:8] != SIGNATURE or buffer[12:16] != b"IHDR":
         return None
+    if _inflater.crc32(buffer[12:29]) != int.from_bytes(buffer[29:33], "big"):
+        return None  # a damaged header (its sizes could ask for any buffer): libpng refuses it, so do we
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", buffer[16:29])
     channels = CHANNELS.get(colour)
     if channels is None or depth not in (8, 16) or interlace or width == 0 or height == 0:
@@ -197,10 +198,14 @@ def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: 
 
 def png_size(data: bytes | memoryview) -> tuple[int, int]:
     """(height, width) from the IHDR of PNG bytes, without decoding; PNGError when there is none."""
-    head = bytes(memoryview(data)[:24])
-    if len(head) < 24 or head[:8] != SIGNATURE or head[12:16] != b"IHDR":
+    head = bytes(memoryview(data)[:33])
+    if len(head) < 33 or head[:8] != SIGNATURE or head[12:16] != b"IHDR":
         raise PNGError("not a PNG (no IHDR)")
+    if _inflater.crc32(head[12:29]) != int.from_bytes(head[29:33], "big"):
+        raise PNGError("corrupt PNG header (IHDR checksum)")
     width, height = struct.unpack(">II", head[16:24])
+    if width == 0 or height == 0:
+        raise PNGError("PNG of zero width or height")
     return height, width
 
 
@@ -374,7 +379,10 @@ def _decode_without_repeats(
 
 
 def _decode_opencv(buffer: memoryview) -> tuple[np.ndarray, bool]:
-    array = cv2.imdecode(np.frombuffer(buffer, np.uint8), cv2.IMREAD_UNCHANGED) if len(buffer) else None
+    try:
+        array = cv2.imdecode(np.frombuffer(buffer, np.uint8), cv2.IMREAD_UNCHANGED) if len(buffer) else None
+    except cv2.error:  # OpenCV raises on some damaged inputs and returns None on others
+        array = None
     if array is None:
         raise PNGError("not a decodable PNG")
     return array, array.ndim == 3 and array.shape[2] in (3, 4)

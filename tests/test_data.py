@@ -285,8 +285,13 @@ def test_parse_sample_names_the_bad_field():
         decode_sample({**raw, "dist.png": raw["dist.png"][:40]})
     with pytest.raises(ValueError, match="sem.png is 16-bit"):
         decode_sample({**raw, "sem.png": encode_png(np.zeros((6, 7), np.uint16), 1)})
-    with pytest.raises(ValueError, match="unreadable json"):
-        parse_sample({**raw, "json": b"{"})
+    for junk in (b"{", b"[1]", b'{"segments": [{"ins": Infinity}]}', b'{"segments": [7]}', b'{"params": {"dist_scale": "x"}}'):
+        with pytest.raises(ValueError, match="unreadable json"):
+            parse_sample({**raw, "json": junk})
+    with pytest.raises(ValueError, match="sem.png header"):  # a damaged IHDR fails its checksum
+        parse_sample({**raw, "sem.png": raw["sem.png"][:20] + b"\xff" + raw["sem.png"][21:]})
+    with pytest.raises(ValueError, match="cannot decode the image"):
+        decode_sample({**raw, "png": b""})
 
 
 def test_decode_sample_int16_maps_and_instance_limit():

@@ -234,3 +234,58 @@ def test_malformed_pq_json_gives_an_error_naming_the_file(tmp_path: Path, case: 
     with pytest.raises(ValueError) as info:
         pq_compute(gt, None, pred, None, progress=False)
     assert "pred.json" in str(info.value) or "im0.png" in str(info.value)
+
+
+# -- the training loader's sample decode (train/data.py) ----------------------------------------------------
+LOADER_JUNK = st.one_of(JUNK, st.dictionaries(st.sampled_from(["ins", "iscrowd", "dist_scale"]), JUNK, max_size=2))
+
+
+@st.composite
+def damaged_samples(draw: Any) -> dict[str, Any]:
+    """A sample as prep writes it (1-6 px a side, disp included) with one or two fields damaged: cut
+    short, one byte changed, replaced by junk bytes, or (json) a junk structure."""
+    from prep.shards import encode_png
+
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    image_kind = draw(st.sampled_from(["png", "jpg"]))
+    raw: dict[str, Any] = {
+        "__key__": "k0", "__url__": "fuzz.tar",
+        image_kind: cv2.imencode(f".{image_kind}", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))[1].tobytes(),
+        "sem.png": encode_png(rng.integers(0, 9, (h, w), dtype=np.uint8), 1),
+        "ins.png": encode_png(rng.integers(0, 4, (h, w)).astype(np.uint16), 1),
+        "dist.png": encode_png(rng.integers(0, 256, (h, w), dtype=np.uint8), 1),
+        "disp.png": encode_png(rng.integers(0, 65536, (h, w)).astype(np.uint16), 1),
+        "json": json.dumps({"segments": [{"ins": 1, "iscrowd": 0}, {"ins": 3, "iscrowd": 1}], "params": {"dist_scale": 2}}).encode(),
+    }
+    for name in draw(st.lists(st.sampled_from([image_kind, "sem.png", "ins.png", "dist.png", "disp.png", "json"]), min_size=1, max_size=2)):
+        data = raw[name]
+        how = draw(st.sampled_from(["cut", "byte", "junk", "structure"] if name == "json" else ["cut", "byte", "junk"]))
+        if not data:  # already cut to nothing by the first damage
+            how = "junk"
+        if how == "cut":
+            raw[name] = data[: draw(st.integers(0, len(data) - 1))]
+        elif how == "byte":
+            pos = draw(st.integers(0, len(data) - 1))
+            raw[name] = data[:pos] + bytes([draw(st.integers(0, 255))]) + data[pos + 1 :]
+        elif how == "junk":
+            raw[name] = draw(st.binary(max_size=64))
+        else:
+            doc = draw(st.one_of(LOADER_JUNK, st.fixed_dictionaries({"segments": st.lists(LOADER_JUNK, max_size=2)}),
+                                 st.fixed_dictionaries({"params": LOADER_JUNK})))
+            raw[name] = json.dumps(doc).encode()
+    return raw
+
+
+@FUZZ
+@given(damaged_samples())
+def test_loader_decode_of_damaged_samples_raises_only_value_errors(raw: dict[str, Any]) -> None:
+    """decode_sample of a damaged sample gives consistent arrays or a ValueError naming the sample."""
+    from train.data import decode_sample
+
+    try:
+        out = decode_sample(raw, "disp")
+    except ValueError as exc:
+        assert "sample k0" in str(exc)
+        return
+    assert out["image"].shape[:2] == out["sem"].shape == out["ins"].shape == out["dist"].shape == out["disp"].shape

@@ -153,6 +153,7 @@ def shard_categories(urls: list[str]) -> list[list[Any]]:
 # second (ins, dist: a third) pass over every map, a fifth of a worker's time at 128-256 px.
 INT16_MAX = np.iinfo(np.int16).max
 LABEL_FIELDS = ("sem.png", "ins.png", "dist.png")
+MAX_SIDE = 1 << 15  # pixels on an image side the loader accepts (COCO ≤ 640, Cityscapes 2048)
 
 
 @dataclass
@@ -172,6 +173,16 @@ class ParsedSample:
         return self.raw.get("jpg", self.raw.get("png"))
 
 
+def _read_meta(meta: dict[str, Any]) -> tuple[list[int], list[int], int]:
+    """(instance index of each segment, the crowd ones, dist.png scale) from a sample's json; TypeError,
+    ValueError, AttributeError or OverflowError when its structure is not the shard contract's."""
+    segments = meta.get("segments", [])
+    indices = [int(s.get("ins", 0)) for s in segments]
+    crowd = [index for index, s in zip(indices, segments) if index > 0 and s.get("iscrowd")]
+    # dist.png's unit: json params.dist_scale (64 before PREP_VERSION 2, when shards did not record it)
+    return indices, crowd, int(meta.get("params", {}).get("dist_scale", DIST_SCALE))
+
+
 def parse_sample(raw: dict[str, Any], depth: str = "none") -> ParsedSample:
     """Check a raw sample's key and fields and read its size, crowd flags and distance scale."""
     key = check_sample_key(raw["__key__"], f"shard {raw.get('__url__', '?')}")
@@ -183,22 +194,22 @@ def parse_sample(raw: dict[str, Any], depth: str = "none") -> ParsedSample:
         hint = f" (data.depth = {depth!r})" if f"{depth}.png" in missing else ""
         raise ValueError(f"sample {key}: the shard has no {', '.join(missing)}{hint}")
     try:
-        meta = json.loads(raw["json"])
         height, width = png_size(raw["sem.png"])
-    except (ValueError, PNGError) as exc:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"sample {key}: unreadable json or sem.png header ({exc})") from None
-    segments = meta.get("segments", [])
-    max_ins = max((int(s.get("ins", 0)) for s in segments), default=0)
+    except PNGError as exc:
+        raise ValueError(f"sample {key}: unreadable sem.png header ({exc})") from None
+    if max(height, width) > MAX_SIDE:  # a corrupt header would otherwise size a batch of terabytes
+        raise ValueError(f"sample {key}: sem.png claims {height}×{width} pixels, more than {MAX_SIDE} on a side")
+    try:
+        indices, crowd_indices, scale = _read_meta(json.loads(raw["json"]))
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"sample {key}: unreadable json ({type(exc).__name__}: {exc})") from None
+    max_ins = max(indices, default=0)
     if max_ins > INT16_MAX:
         raise ValueError(f"sample {key}: {max_ins} instances, more than the loader's int16 maps hold ({INT16_MAX})")
-    crowd = np.zeros(max_ins + 1, dtype=bool)
-    for s in segments:
-        if int(s.get("ins", 0)) > 0 and s.get("iscrowd"):
-            crowd[int(s["ins"])] = True
-    # dist.png's unit: json params.dist_scale (64 before PREP_VERSION 2, when shards did not record it)
-    scale = int(meta.get("params", {}).get("dist_scale", DIST_SCALE))
     if scale not in DIST_SCALES:
         raise ValueError(f"sample {key}: dist_scale {scale} is not one of {DIST_SCALES}")
+    crowd = np.zeros(max(max_ins, 0) + 1, dtype=bool)
+    crowd[crowd_indices] = True
     return ParsedSample(key, raw, height, width, crowd, DIST_SCALE // scale, depth)
 
 
@@ -230,7 +241,10 @@ def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
     dist (h, w) int16, and with data.depth `depth` or `disp` (h, w) float32 plus `depth_valid` bool;
     writable arrays of exactly these shapes and dtypes (views into a batch buffer, as a rule)."""
     key = sample.key
-    bgr = cv2.imdecode(np.frombuffer(sample.image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    try:  # OpenCV raises on some damaged inputs (an empty buffer) and returns None on others
+        bgr = cv2.imdecode(np.frombuffer(sample.image_bytes, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
     if bgr is None:
         raise ValueError(f"sample {key}: cannot decode the image")
     if bgr.shape[:2] != (sample.height, sample.width):
