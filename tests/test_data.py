@@ -456,3 +456,25 @@ def test_stream_batches_with_workers_stay_intact_and_slots_are_bounded(shards):
     del kept
     _assert_batches_equal(copy, next(plain))
     assert held["image"].shape[1] == 3 and held["image"].permute(0, 2, 3, 1).is_contiguous()
+
+
+def test_damaged_sample_in_a_worker_gives_one_line_naming_it(tmp_path):
+    """A damaged member read by a DataLoader worker ends the stream with the worker's one-line message
+    (sample key and field), not the worker's traceback."""
+    from prep.shards import write_tar
+
+    rng = np.random.default_rng(9)
+    samples = []
+    for i in range(4):
+        raw = _raw_sample(f"k{i}", rng.integers(0, 255, (8, 9, 3), dtype=np.uint8), np.zeros((8, 9), np.uint8),
+                          np.zeros((8, 9), np.int32), np.zeros((8, 9), np.uint8), [False])
+        if i == 2:
+            raw["ins.png"] = raw["ins.png"][:30]
+        samples.append((raw["__key__"], {k: v for k, v in raw.items() if not k.startswith("__")}))
+    write_tar(tmp_path / "s-0000.tar", samples)
+    cfg = DataConfig(shards=str(tmp_path), micro_batch=4, size=[14, 14], num_workers=2, shuffle_buffer=1,
+                     shuffle_initial=1, epoch_size=8)
+    with pytest.raises(ValueError) as info:  # the first batch of either worker holds all four samples
+        next(BatchStream(cfg, seed=0))
+    message = str(info.value)
+    assert "\n" not in message and "sample k2" in message and "ins.png" in message, message

@@ -620,6 +620,8 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
             self._drop_workers()
             return next(self)
+        except ValueError as exc:
+            raise _worker_error(exc) from exc
         if isinstance(batch, SlotBatch):
             batch = batch.open()
         self.index += 1
@@ -638,6 +640,16 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._drop_workers()
+
+
+def _worker_error(exc: ValueError) -> ValueError:
+    """A ValueError a DataLoader worker raised (a damaged sample, as a rule) comes back with the worker's
+    whole traceback in its message; keep the worker's own message, which names the sample and field."""
+    text = str(exc)
+    if "Original Traceback" not in text:  # raised in this process: as it is
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    return ValueError(last.removeprefix("ValueError: ") + " (in a loader worker)")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
