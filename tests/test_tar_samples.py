@@ -86,3 +86,18 @@ def test_corrupt_and_truncated_shards(tmp_path: Path) -> None:
     (tmp_path / "n.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(TarFormatError):
         list(tar_samples(str(tmp_path / "n.tar")))
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reading_only_some_fields_gives_those_fields_of_the_full_read(tmp_path: Path, tar_format: int) -> None:
+    long = "d" * 60 + "/" + "e" * 30  # ustar prefix / GNU long name / pax path, kept or skipped alike
+    members = [("a.jpg", b"1" * 700), ("a.depth.png", b"2" * 513), ("a.json", b"{}"), (f"{long}/b.depth.png", b"3"),
+               (f"{long}/b.jpg", b"4" * 512), ("c.depth.png", b"5" * 3000)]
+    path = write_tar(tmp_path / "f.tar", members, tar_format)
+    wanted = {"jpg", "json"}
+    full = [{k: v for k, v in s.items() if k.startswith("__") or k in wanted} for s in tar_samples(str(path))]
+    assert list(tar_samples(str(path), wanted)) == [s for s in full if set(s) - {"__key__", "__url__"}]
+    # a file cut inside a member that is skipped is still reported
+    (tmp_path / "cut.tar").write_bytes(path.read_bytes()[: 512 + 1024 + 512 + 100])  # inside a.depth.png
+    with pytest.raises(TarFormatError, match="truncated"):
+        list(tar_samples(str(tmp_path / "cut.tar"), wanted))

@@ -152,6 +152,7 @@ def shard_categories(urls: list[str]) -> list[list[Any]]:
 # dtype in the same pass. Decoding into per-sample arrays first and copying them into the batch cost a
 # second (ins, dist: a third) pass over every map, a fifth of a worker's time at 128-256 px.
 INT16_MAX = np.iinfo(np.int16).max
+IMAGE_FIELDS = ("jpg", "png")
 LABEL_FIELDS = ("sem.png", "ins.png", "dist.png")
 MAX_SIDE = 1 << 15  # pixels on an image side the loader accepts (COCO ≤ 640, Cityscapes 2048)
 
@@ -493,9 +494,10 @@ _RECEIVERS: weakref.WeakValueDictionary[int, SlotReceiver] = weakref.WeakValueDi
 
 
 # -- the per-worker pipeline ----------------------------------------------------------------------------
-def _samples_of_shards(shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+def _samples_of_shards(shards: Iterator[dict[str, str]], depth: str) -> Iterator[dict[str, Any]]:
+    fields = {*IMAGE_FIELDS, *LABEL_FIELDS, "json"} | ({f"{depth}.png"} if depth != "none" else set())
     for shard in shards:
-        yield from tar_samples(shard["url"])
+        yield from tar_samples(shard["url"], fields)  # other members (depth maps not trained on) are skipped unread
 
 
 def mix_seed(*parts: int) -> int:
@@ -557,7 +559,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         cfg = self.cfg
         pipeline = wds.DataPipeline(
             lambda: source,
-            _samples_of_shards,
+            lambda shards: _samples_of_shards(shards, cfg.depth),
             wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_initial, cfg.shuffle_buffer), rng=shuffle_rng),
             # resume: drop the raw samples of batches already trained on, before paying for their decode
             lambda samples: itertools.islice(samples, skip * cfg.micro_batch, None),

@@ -10,7 +10,8 @@ lower-cased; a repeated field within one key is an error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Collection, Iterator
 from typing import Any, BinaryIO
 
 BLOCK = 512
@@ -44,9 +45,18 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file in archive order."""
+def _field(name: str) -> str | None:
+    """The WebDataset field of a member name (after the first dot of its file name, lower-cased)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return None if dot < 0 else name[dot + 1 :].lower()
+
+
+def iter_members(stream: BinaryIO, url: str, fields: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file in archive order; with `fields`, members of other fields are
+    skipped unread (a seek past their data)."""
     long_name: str | None = None
+    end = os.fstat(stream.fileno()).st_size if fields is not None else 0  # a skip must not pass the end unnoticed
     while True:
         header = stream.read(BLOCK)
         if not header or header == bytes(BLOCK):  # end of archive (zero blocks) or a file cut at a member edge
@@ -58,11 +68,17 @@ def iter_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
             raise TarFormatError(f"{url}: tar header checksum mismatch (corrupt or not a tar file)")
         size = _octal(header[124:136], "size", url)
         kind = header[156:157]
+        padded = size + (-size % BLOCK)
+        if fields is not None and kind in REGULAR and long_name is None and _field(_header_name(header)) not in fields:
+            if stream.seek(size, 1) > end:  # a field the reader does not use
+                raise TarFormatError(f"{url}: truncated tar member")
+            stream.seek(padded - size, 1)
+            continue
         data = stream.read(size)
         if len(data) < size:
             raise TarFormatError(f"{url}: truncated tar member")
-        if size % BLOCK:
-            stream.read(BLOCK - size % BLOCK)
+        if padded > size:
+            stream.read(padded - size)
         if kind in (b"L", b"x"):  # the real name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(data)
             continue
@@ -72,18 +88,24 @@ def iter_members(stream: BinaryIO, url: str) -> Iterator[tuple[str, bytes]]:
         if long_name is not None:
             name, long_name = long_name, None
         else:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            if prefix:
-                name = prefix.decode("utf-8") + "/" + name
-        yield name, data
+            name = _header_name(header)
+        if fields is None or _field(name) in fields:
+            yield name, data
 
 
-def tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """WebDataset samples ({"__key__", "__url__", field: bytes}) of the local tar file `url`."""
+def _header_name(header: bytes) -> str:
+    """The member name a 512-byte header holds itself (ustar prefix included)."""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return prefix.decode("utf-8") + "/" + name if prefix else name
+
+
+def tar_samples(url: str, fields: Collection[str] | None = None) -> Iterator[dict[str, Any]]:
+    """WebDataset samples ({"__key__", "__url__", field: bytes}) of the local tar file `url`; with
+    `fields`, only those fields are read (a sample none of whose members is wanted is not yielded)."""
     current: dict[str, Any] | None = None
     with open(url, "rb", buffering=1 << 20) as stream:
-        for name, data in iter_members(stream, url):
+        for name, data in iter_members(stream, url, fields):
             slash = name.rfind("/") + 1
             dot = name.find(".", slash)
             if dot < 0:
