@@ -53,7 +53,11 @@ class PNGError(ValueError):
 
 def decode_png(data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
     """PNG bytes → array in PNG channel order; raises PNGError on anything undecodable."""
-    array, reversed_colour = decode_png_any_order(data)
+    return _png_order(*decode_png_any_order(data))
+
+
+def _png_order(array: np.ndarray, reversed_colour: bool) -> np.ndarray:
+    """OpenCV's BGR(A) back to PNG's RGB(A) order where `reversed_colour`."""
     if reversed_colour and array.shape[2] == 3:
         return np.ascontiguousarray(array[..., ::-1])
     if reversed_colour:
@@ -71,6 +75,12 @@ def decode_png_any_order(data: bytes | bytearray | memoryview | np.ndarray) -> t
     fast = _from_rows(*inflated)
     if fast is not None:
         return fast, False
+    return _decode_sequential_filters(buffer, inflated)
+
+
+def _decode_sequential_filters(buffer: memoryview, inflated: tuple[np.ndarray, int, int, int, int]) -> tuple[np.ndarray, bool]:
+    """libpng's decode of a file with Average/Paeth rows, from its rows already inflated (`_inflate_rows`);
+    (array, reversed_colour) as `decode_png_any_order`."""
     # Average/Paeth rows need libpng's sequential unfilter; hand it the stream already inflated (stored
     # deflate blocks), so that zlib-ng does the inflate: a third less time than libpng alone. Before
     # that, rows that repeat the one above are taken out (libpng's time is per byte it gets; the IHDR
@@ -100,16 +110,29 @@ def encode_gray_png(array: np.ndarray, level: int) -> bytes:
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", _inflater.compress(rows, level)) + _chunk(b"IEND", b"")
 
 
+def _read_ihdr(buffer: memoryview) -> tuple[int, int, int, int, int]:
+    """(width, height, bit depth, colour type, interlace) of an intact IHDR; PNGError otherwise. The
+    checksum is checked before the sizes are used: a damaged header could ask for any buffer, and libpng
+    refuses it too."""
+    if len(buffer) < 33 or buffer[:8] != SIGNATURE or buffer[12:16] != b"IHDR":
+        raise PNGError("not a PNG (no IHDR)")
+    if _inflater.crc32(buffer[12:29]) != int.from_bytes(buffer[29:33], "big"):
+        raise PNGError("corrupt PNG header (IHDR checksum)")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", buffer[16:29])
+    if width == 0 or height == 0:
+        raise PNGError("PNG of zero width or height")
+    return width, height, depth, colour, interlace
+
+
 def _inflate_rows(buffer: memoryview) -> tuple[np.ndarray, int, int, int, int] | None:
     """(filtered rows (H, 1 + W·bpp) uint8, width, height, channels, bit depth) of a PNG the fast paths
     can take (8/16-bit gray/RGB(A), not interlaced); None otherwise."""
-    if len(buffer) < 33 or buffer[:8] != SIGNATURE or buffer[12:16] != b"IHDR":
+    try:
+        width, height, depth, colour, interlace = _read_ihdr(buffer)
+    except PNGError:
         return None
-    if _inflater.crc32(buffer[12:29]) != int.from_bytes(buffer[29:33], "big"):
-        return None  # a damaged header (its sizes could ask for any buffer): libpng refuses it, so do we
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", buffer[16:29])
     channels = CHANNELS.get(colour)
-    if channels is None or depth not in (8, 16) or interlace or width == 0 or height == 0:
+    if channels is None or depth not in (8, 16) or interlace:
         return None
     idat, pos = [], 8
     while pos + 8 <= len(buffer):
@@ -198,14 +221,7 @@ def _from_rows(rows: np.ndarray, width: int, height: int, channels: int, depth: 
 
 def png_size(data: bytes | memoryview) -> tuple[int, int]:
     """(height, width) from the IHDR of PNG bytes, without decoding; PNGError when there is none."""
-    head = bytes(memoryview(data)[:33])
-    if len(head) < 33 or head[:8] != SIGNATURE or head[12:16] != b"IHDR":
-        raise PNGError("not a PNG (no IHDR)")
-    if _inflater.crc32(head[12:29]) != int.from_bytes(head[29:33], "big"):
-        raise PNGError("corrupt PNG header (IHDR checksum)")
-    width, height = struct.unpack(">II", head[16:24])
-    if width == 0 or height == 0:
-        raise PNGError("PNG of zero width or height")
+    width, height, *_ = _read_ihdr(memoryview(data).cast("B"))
     return height, width
 
 
@@ -213,9 +229,12 @@ def decode_png_view(data: bytes | memoryview) -> np.ndarray:
     """The pixels `decode_png` gives, possibly as a read-only strided view of the inflated bytes with
     16-bit samples big-endian (">u2"): for a caller that converts them into its own buffer at once, which
     then costs one pass instead of a copy out of the rows plus its own (the loader's batch slots)."""
-    inflated = _inflate_rows(memoryview(data).cast("B"))
-    view = None if inflated is None else _pixel_view(*inflated)
-    return decode_png(data) if view is None else view
+    buffer = memoryview(data).cast("B")
+    inflated = _inflate_rows(buffer)
+    if inflated is None:
+        return _png_order(*_decode_opencv(buffer))
+    view = _pixel_view(*inflated)
+    return _png_order(*_decode_sequential_filters(buffer, inflated)) if view is None else view
 
 
 def _sub_rgb_rows(data: bytes | memoryview) -> tuple[np.ndarray, int, int] | None:
