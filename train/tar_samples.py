@@ -45,11 +45,12 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def _field(name: str) -> str | None:
-    """The WebDataset field of a member name (after the first dot of its file name, lower-cased)."""
+def _key_and_field(name: str) -> tuple[str, str | None]:
+    """WebDataset's split of a member name: key = path up to the first dot of the file name, field = the
+    rest, lower-cased (None without a dot)."""
     slash = name.rfind("/") + 1
     dot = name.find(".", slash)
-    return None if dot < 0 else name[dot + 1 :].lower()
+    return (name, None) if dot < 0 else (name[:dot], name[dot + 1 :].lower())
 
 
 def iter_members(stream: BinaryIO, url: str, fields: Collection[str] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -69,11 +70,14 @@ def iter_members(stream: BinaryIO, url: str, fields: Collection[str] | None = No
         size = _octal(header[124:136], "size", url)
         kind = header[156:157]
         padded = size + (-size % BLOCK)
-        if fields is not None and kind in REGULAR and long_name is None and _field(_header_name(header)) not in fields:
-            if stream.seek(size, 1) > end:  # a field the reader does not use
-                raise TarFormatError(f"{url}: truncated tar member")
-            stream.seek(padded - size, 1)
-            continue
+        if kind in REGULAR:
+            name = long_name if long_name is not None else _header_name(header)
+            long_name = None
+            if fields is not None and _key_and_field(name)[1] not in fields:  # a field the reader does not use
+                if stream.seek(size, 1) > end:
+                    raise TarFormatError(f"{url}: truncated tar member")
+                stream.seek(padded - size, 1)
+                continue
         data = stream.read(size)
         if len(data) < size:
             raise TarFormatError(f"{url}: truncated tar member")
@@ -81,16 +85,10 @@ def iter_members(stream: BinaryIO, url: str, fields: Collection[str] | None = No
             stream.read(padded - size)
         if kind in (b"L", b"x"):  # the real name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8") if kind == b"L" else _pax_path(data)
-            continue
-        if kind not in REGULAR:
-            long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = _header_name(header)
-        if fields is None or _field(name) in fields:
+        elif kind in REGULAR:
             yield name, data
+        else:
+            long_name = None
 
 
 def _header_name(header: bytes) -> str:
@@ -106,11 +104,9 @@ def tar_samples(url: str, fields: Collection[str] | None = None) -> Iterator[dic
     current: dict[str, Any] | None = None
     with open(url, "rb", buffering=1 << 20) as stream:
         for name, data in iter_members(stream, url, fields):
-            slash = name.rfind("/") + 1
-            dot = name.find(".", slash)
-            if dot < 0:
+            key, field = _key_and_field(name)
+            if field is None:
                 continue  # no field name: webdataset skips these too
-            key, field = name[:dot], name[dot + 1 :].lower()
             if current is None or current["__key__"] != key:
                 if current is not None:
                     yield current
