@@ -155,6 +155,8 @@ INT16_MAX = np.iinfo(np.int16).max
 IMAGE_FIELDS = ("jpg", "png")
 LABEL_FIELDS = ("sem.png", "ins.png", "dist.png")
 MAX_SIDE = 1 << 15  # pixels on an image side the loader accepts (COCO ≤ 640, Cityscapes 2048)
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype, float]]  # field → (stored shape, dtype, void value)
+Layout = dict[str, tuple[int, tuple[int, ...], torch.dtype]]  # field → (byte offset, stored shape, dtype)
 
 
 @dataclass
@@ -171,7 +173,12 @@ class ParsedSample:
 
     @property
     def image_bytes(self) -> bytes:
-        return self.raw.get("jpg", self.raw.get("png"))
+        return _image_bytes(self.raw)
+
+
+def _image_bytes(raw: dict[str, Any]) -> bytes | None:
+    """The sample's image member (jpg, else png); None when it has neither."""
+    return next((raw[name] for name in IMAGE_FIELDS if raw.get(name) is not None), None)
 
 
 def _read_meta(meta: dict[str, Any]) -> tuple[list[int], list[int], int]:
@@ -187,7 +194,7 @@ def _read_meta(meta: dict[str, Any]) -> tuple[list[int], list[int], int]:
 def parse_sample(raw: dict[str, Any], depth: str = "none") -> ParsedSample:
     """Check a raw sample's key and fields and read its size, crowd flags and distance scale."""
     key = check_sample_key(raw["__key__"], f"shard {raw.get('__url__', '?')}")
-    if raw.get("jpg", raw.get("png")) is None:
+    if _image_bytes(raw) is None:
         raise ValueError(f"sample {key}: no jpg or png image")
     needed = [*LABEL_FIELDS, "json"] + ([f"{depth}.png"] if depth != "none" else [])
     missing = [name for name in needed if name not in raw]
@@ -270,7 +277,7 @@ def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
         out["depth_valid"][:] = True
 
 
-def _sample_specs(sample: ParsedSample, plane: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype, float]]:
+def _sample_specs(sample: ParsedSample, plane: tuple[int, ...]) -> Spec:
     """Field → (stored shape with `plane` = leading dims, dtype, void value) of a sample's decoded maps."""
     specs = {
         "image": ((*plane, 3), torch.uint8, 0),
@@ -293,9 +300,6 @@ def decode_sample(raw: dict[str, Any], depth: str = "none") -> dict[str, Any]:
     decode_into(sample, out)
     return {"key": sample.key, **out, "crowd": sample.crowd}
 
-
-Spec = dict[str, tuple[tuple[int, ...], torch.dtype, float]]
-Layout = dict[str, tuple[int, tuple[int, ...], torch.dtype]]
 
 
 def batch_specs(samples: list[ParsedSample]) -> Spec:
