@@ -192,10 +192,10 @@ def test_batches_consumed_by_worker_matches_round_robin():
 
 
 def _raw_sample(key: str, image: np.ndarray, sem: np.ndarray, ins: np.ndarray, dist_half_px: np.ndarray,
-                crowd: list[bool], disp: np.ndarray | None = None) -> dict:
-    """A sample as a shard stores it (prep/shards.py encoders), the image as a lossless PNG."""
+                crowd: list[bool], disp: np.ndarray | None = None, image_format: str = "png") -> dict:
+    """A sample as a shard stores it (prep/shards.py encoders), the image as a lossless PNG by default."""
     segments = [{"ins": k, "iscrowd": int(flag)} for k, flag in enumerate(crowd) if k > 0]
-    raw = {"__key__": key, "__url__": "test.tar", "png": cv2.imencode(".png", image[..., ::-1])[1].tobytes(),
+    raw = {"__key__": key, "__url__": "test.tar", image_format: cv2.imencode(f".{image_format}", image[..., ::-1])[1].tobytes(),
            "sem.png": encode_png(sem, 1), "ins.png": encode_png(ins.astype(np.uint16), 1),
            "dist.png": encode_png(dist_half_px, 1),
            "json": json.dumps({"segments": segments, "params": {"dist_scale": 2}}).encode()}

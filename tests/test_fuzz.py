@@ -244,20 +244,14 @@ LOADER_JUNK = st.one_of(JUNK, st.dictionaries(st.sampled_from(["ins", "iscrowd",
 def damaged_samples(draw: Any) -> dict[str, Any]:
     """A sample as prep writes it (1-6 px a side, disp included) with one or two fields damaged: cut
     short, one byte changed, replaced by junk bytes, or (json) a junk structure."""
-    from prep.shards import encode_png
+    from test_data import _raw_sample
 
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     h, w = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     image_kind = draw(st.sampled_from(["png", "jpg"]))
-    raw: dict[str, Any] = {
-        "__key__": "k0", "__url__": "fuzz.tar",
-        image_kind: cv2.imencode(f".{image_kind}", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))[1].tobytes(),
-        "sem.png": encode_png(rng.integers(0, 9, (h, w), dtype=np.uint8), 1),
-        "ins.png": encode_png(rng.integers(0, 4, (h, w)).astype(np.uint16), 1),
-        "dist.png": encode_png(rng.integers(0, 256, (h, w), dtype=np.uint8), 1),
-        "disp.png": encode_png(rng.integers(0, 65536, (h, w)).astype(np.uint16), 1),
-        "json": json.dumps({"segments": [{"ins": 1, "iscrowd": 0}, {"ins": 3, "iscrowd": 1}], "params": {"dist_scale": 2}}).encode(),
-    }
+    raw = _raw_sample("k0", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 9, (h, w), dtype=np.uint8),
+                      rng.integers(0, 4, (h, w)), rng.integers(0, 256, (h, w), dtype=np.uint8), [False, False, False, True],
+                      rng.integers(0, 65536, (h, w)).astype(np.uint16), image_kind)
     for name in draw(st.lists(st.sampled_from([image_kind, "sem.png", "ins.png", "dist.png", "disp.png", "json"]), min_size=1, max_size=2)):
         data = raw[name]
         how = draw(st.sampled_from(["cut", "byte", "junk", "structure"] if name == "json" else ["cut", "byte", "junk"]))
