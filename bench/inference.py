@@ -11,12 +11,6 @@ Each timing is the best of --repeats runs of --iters forward passes after a warm
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import math
 import sys
@@ -28,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.export import export_onnx, export_program
-from eval.exported import ExportPredictor
-from train.model import ModelConfig, build_model, tiny_cpu_config
+from genpan.eval.export import export_onnx, export_program
+from genpan.eval.exported import ExportPredictor
+from genpan.train.model import ModelConfig, build_model, tiny_cpu_config
 
 
 def best_rates(fns: dict[str, Callable[[], object]], batch: int, iters: int, repeats: int,

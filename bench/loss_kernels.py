@@ -17,12 +17,6 @@ interpreter against the reference, and exits 0.
     python bench/loss_kernels.py --dtype fp32 --cases inst_stage3 --iters 20
 """
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import os
 import statistics
@@ -115,19 +109,19 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> d
 
 
 def loss_fn(case: Case, method: str, D: float, wmin: float) -> Callable[[dict, torch.Tensor], tuple]:
-    from train import losses as L
+    from genpan.train import losses as L
 
     if case.task == "inst":
         n_harm = case.channels // 4
         if method == "fused":
-            from kernels.inst_loss import fused_inst_pe_tv as fn
+            from genpan.kernels.inst_loss import fused_inst_pe_tv as fn
         else:
             fn = L.inst_pe_tv
         if method == "compile":
             fn = torch.compile(fn, dynamic=False)
         return lambda t, x: fn(x, t["u"], t["v"], t["valid"], t["ignore"], t["dist"], n_harm, D, wmin)
     if method == "fused":
-        from kernels.sem_loss import fused_sem_ce_tv as fn
+        from genpan.kernels.sem_loss import fused_sem_ce_tv as fn
     else:
         fn = L.sem_ce_tv
     if method == "compile":
@@ -231,9 +225,9 @@ def run_gpu(args: argparse.Namespace) -> list[tuple[str, float]]:
 def run_cpu_smoke() -> list[tuple[str, float]]:
     """Kernels under the Triton interpreter on tiny maps against the reference (values and gradients)."""
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported by the kernels
-    from kernels.inst_loss import fused_inst_pe_tv
-    from kernels.sem_loss import fused_sem_ce_tv
-    from train import losses as L
+    from genpan.kernels.inst_loss import fused_inst_pe_tv
+    from genpan.kernels.sem_loss import fused_sem_ce_tv
+    from genpan.train import losses as L
 
     worst = 0.0
     inst, sem = Case("inst", "inst", 2, 16, 19), Case("sem", "sem", 2, 37, 11)

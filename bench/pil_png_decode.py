@@ -12,12 +12,6 @@ averaged over files; --rounds rounds.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import importlib.util
 import tempfile
@@ -29,7 +23,7 @@ import cv2
 import numpy as np
 
 import genpan.png as png
-from eval.pq_synth import make_pair, resave_with_pil
+from genpan.eval.pq_synth import make_pair, resave_with_pil
 
 
 def plain_stored(data: bytes) -> tuple[np.ndarray, bool]:

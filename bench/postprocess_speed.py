@@ -14,12 +14,6 @@ machine a single thread gives the steadiest figure.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import sys
 import time
@@ -29,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.postprocess import PostprocessConfig, decode_embeddings, ideal_outputs, postprocess
+from genpan.eval.postprocess import PostprocessConfig, decode_embeddings, ideal_outputs, postprocess
 
 NUM_THINGS, NUM_STUFF = 80, 53
 

@@ -20,12 +20,6 @@ The last line is `RESULT speedup_vs_panopticapi=<ours vs reference, 1 process>`.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import contextlib
 import io
@@ -39,9 +33,9 @@ from unittest import mock
 
 import numpy as np
 
-from eval.pq import pq_compute
-from eval.pq_synth import make_pair, resave_with_pil
 from genpan.coco_panoptic import read_panoptic_png
+from genpan.eval.pq import pq_compute
+from genpan.eval.pq_synth import make_pair, resave_with_pil
 
 TOLERANCE = 1e-9
 

@@ -8,12 +8,6 @@ shared machine mean little). Ends with `RESULT targets_over_decode=<ratio>` (goa
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import tempfile
 import time
@@ -23,9 +17,9 @@ import cv2
 import numpy as np
 
 from genpan.coco_panoptic import decode_panoptic_png
-from prep.readers import make_reader
-from prep.synthetic import SceneConfig, generate_split
-from prep.targets import build_targets, encode_distance
+from genpan.prep.readers import make_reader
+from genpan.prep.synthetic import SceneConfig, generate_split
+from genpan.prep.targets import build_targets, encode_distance
 
 
 def main() -> None:

@@ -22,12 +22,6 @@ Ends with `RESULT prep_over_floor=<seconds per sample of prep / of the floor>` (
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import sys
 import tempfile
@@ -37,9 +31,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from eval.pq_synth import resave_with_pil
 from genpan.coco_panoptic import decode_panoptic_png
-from prep.build_shards import (
+from genpan.eval.pq_synth import resave_with_pil
+from genpan.prep.build_shards import (
     DataConfig,
     PrepConfig,
     RunConfig,
@@ -50,11 +44,11 @@ from prep.build_shards import (
     connect_ray,
     run,
 )
-from prep.readers.base import Sample
-from prep.readers.coco import coco_layout
-from prep.shards import ShardParams, encode_png
-from prep.synthetic import SceneConfig, generate_split
-from prep.targets import boundary_distance, build_targets, encode_distance, instance_map, segment_stats, semantic_map
+from genpan.prep.readers.base import Sample
+from genpan.prep.readers.coco import coco_layout
+from genpan.prep.shards import ShardParams, encode_png
+from genpan.prep.synthetic import SceneConfig, generate_split
+from genpan.prep.targets import boundary_distance, build_targets, encode_distance, instance_map, segment_stats, semantic_map
 
 
 def floor_seconds(refs: list, compression: int) -> float:

@@ -13,12 +13,6 @@
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    import sys
-    from pathlib import Path
-
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import os
 import sys
@@ -31,10 +25,10 @@ import cv2
 import numpy as np
 import torch
 
-from train.augment import loss_size
-from train.data import BatchStream, DataConfig, resolve_shards
-from train.losses import LossConfig, compute_losses
-from train.model import ModelConfig, build_model
+from genpan.train.augment import loss_size
+from genpan.train.data import BatchStream, DataConfig, resolve_shards
+from genpan.train.losses import LossConfig, compute_losses
+from genpan.train.model import ModelConfig, build_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -113,7 +107,7 @@ def full_decode(urls: list[str]) -> float:
     """images/s of decoding every field (train/data.decode_sample) in one process, no pipeline."""
     import webdataset as wds
 
-    from train.data import decode_sample
+    from genpan.train.data import decode_sample
 
     raws = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
     start = time.perf_counter()

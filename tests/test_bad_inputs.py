@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     sys.path[0:0] = [str(REPO), str(REPO / "tests")]
 
-from eval.pq import pq_compute  # noqa: E402
 from genpan.coco_panoptic import read_panoptic_png, write_panoptic_png  # noqa: E402
-from prep.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
-from prep.readers import Sample, SampleError, make_reader  # noqa: E402
-from prep.synthetic import SceneConfig, generate_split  # noqa: E402
+from genpan.eval.pq import pq_compute  # noqa: E402
+from genpan.prep.manifest import MANIFEST_NAME, read_manifest  # noqa: E402
+from genpan.prep.readers import Sample, SampleError, make_reader  # noqa: E402
+from genpan.prep.synthetic import SceneConfig, generate_split  # noqa: E402
 
 COMPONENTS = ("coco reader", "folder reader", "nyu_mat reader", "build_shards manifest", "eval/pq.py")
 NON_UTF8 = b"caf\xe9"  # Latin-1 bytes: not decodable as UTF-8; Python sees the surrogate "\udce9"
@@ -239,7 +239,7 @@ def outcome_table(tmp: Path) -> tuple[dict[str, dict[str, Outcome]], dict[str, o
     facts: dict[str, object] = {}
     coco = tmp / "coco"
     keys = write_coco_corpus(coco)
-    from prep.readers.coco import coco_layout
+    from genpan.prep.readers.coco import coco_layout
 
     by_key = reader_outcomes(coco_layout(coco, "train", with_depth=True, dataset="synthetic"))
     for case, case_keys in keys.items():

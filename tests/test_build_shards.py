@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from genpan.coco_panoptic import encode_panoptic_png, read_panoptic_png
-from prep.build_shards import (
+from genpan.prep.build_shards import (
     DataConfig,
     OutputLocked,
     PrepConfig,
@@ -28,13 +28,13 @@ from prep.build_shards import (
     output_lock,
     run,
 )
-from prep.manifest import MANIFEST_NAME, Manifest, ShardRow, read_manifest, write_manifest
-from prep.readers.base import Sample
-from prep.readers.coco import coco_layout
-from prep.shards import encode_disparity
-from prep.synthetic import generate_split
-from prep.targets import build_targets, encode_distance
-from prep.teachers import disparity_from_depth
+from genpan.prep.manifest import MANIFEST_NAME, Manifest, ShardRow, read_manifest, write_manifest
+from genpan.prep.readers.base import Sample
+from genpan.prep.readers.coco import coco_layout
+from genpan.prep.shards import encode_disparity
+from genpan.prep.synthetic import generate_split
+from genpan.prep.targets import build_targets, encode_distance
+from genpan.prep.teachers import disparity_from_depth
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 32

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from prep.readers import make_reader
-from prep.shards import ShardParams, encode_png, encode_sample, write_tar
-from prep.synthetic import SceneConfig, generate_split
-from prep.targets import DIST_SCALE, IGNORE
-from prep.teachers import disparity_from_depth
-from train.augment import AugmentParams, augment_batch, draw_params, instance_centroids, loss_size
-from train.data import BatchStream, DataConfig, batches_consumed_by_worker, collate, count_samples, resolve_shards
+from genpan.labels import DIST_SCALE, IGNORE
+from genpan.prep.readers import make_reader
+from genpan.prep.shards import ShardParams, encode_png, encode_sample, write_tar
+from genpan.prep.synthetic import SceneConfig, generate_split
+from genpan.prep.teachers import disparity_from_depth
+from genpan.train.augment import AugmentParams, augment_batch, draw_params, instance_centroids, loss_size
+from genpan.train.data import BatchStream, DataConfig, batches_consumed_by_worker, collate, count_samples, resolve_shards
 
 torch.set_num_threads(1)
 
@@ -205,7 +205,7 @@ def _raw_sample(key: str, image: np.ndarray, sem: np.ndarray, ins: np.ndarray, d
 
 
 def _parsed(raws: list[dict], depth: str = "none") -> list:
-    from train.data import parse_sample
+    from genpan.train.data import parse_sample
 
     return [parse_sample(raw, depth) for raw in raws]
 
@@ -228,8 +228,8 @@ def test_collate_pads_with_void():
 def test_batch_decoded_in_place_matches_opencv_decode_of_each_field():
     """Each field decoded straight into the padded batch equals OpenCV's decode of the stored PNG,
     converted to the batch unit, in its top-left corner, with void around it (also over a reused slot)."""
-    from prep.shards import DISP_SCALE
-    from train.data import SlotPool, SlotReceiver
+    from genpan.prep.shards import DISP_SCALE
+    from genpan.train.data import SlotPool, SlotReceiver
 
     rng = np.random.default_rng(7)
     sizes = [(9, 13), (12, 5), (1, 1)]
@@ -268,7 +268,7 @@ def test_batch_decoded_in_place_matches_opencv_decode_of_each_field():
 
 
 def test_parse_sample_names_the_bad_field():
-    from train.data import decode_sample, parse_sample
+    from genpan.train.data import decode_sample, parse_sample
 
     rng = np.random.default_rng(8)
     raw = _raw_sample("k0", rng.integers(0, 255, (6, 7, 3), dtype=np.uint8), np.zeros((6, 7), np.uint8),
@@ -295,7 +295,7 @@ def test_parse_sample_names_the_bad_field():
 
 
 def test_decode_sample_int16_maps_and_instance_limit():
-    from train.data import INT16_MAX, decode_sample
+    from genpan.train.data import INT16_MAX, decode_sample
 
     rng = np.random.default_rng(4)
     ins = rng.integers(0, 3, (6, 5)).astype(np.uint16)
@@ -340,7 +340,7 @@ def test_stream_is_deterministic_and_resumes_mid_epoch(shards, workers):
 
 
 def test_stream_batch_and_device_targets(shards):
-    from train.augment import DeviceAugmenter
+    from genpan.train.augment import DeviceAugmenter
 
     cfg = DataConfig(shards=str(shards), micro_batch=3, size=[56, 42], num_workers=0, depth="disp")
     batch = next(BatchStream(cfg, rank=1, world_size=2, seed=0))
@@ -386,7 +386,7 @@ def _assert_batches_equal(a: dict, b: dict) -> None:
 def test_slot_pool_reuses_a_slot_only_after_the_last_view_is_freed():
     import gc
 
-    from train.data import SlotPool, SlotReceiver
+    from genpan.train.data import SlotPool, SlotReceiver
 
     receiver = SlotReceiver()
     pool = SlotPool(receiver.id)
@@ -422,7 +422,7 @@ def test_slot_pool_reuses_a_slot_only_after_the_last_view_is_freed():
 def test_slot_batch_pin_memory_copies_out_and_frees_the_slot(monkeypatch):
     import gc
 
-    from train.data import SlotPool, SlotReceiver
+    from genpan.train.data import SlotPool, SlotReceiver
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())  # no accelerator here
     receiver = SlotReceiver()
@@ -461,7 +461,7 @@ def test_stream_batches_with_workers_stay_intact_and_slots_are_bounded(shards):
 def test_damaged_sample_in_a_worker_gives_one_line_naming_it(tmp_path):
     """A damaged member read by a DataLoader worker ends the stream with the worker's one-line message
     (sample key and field), not the worker's traceback."""
-    from prep.shards import write_tar
+    from genpan.prep.shards import write_tar
 
     rng = np.random.default_rng(9)
     samples = []

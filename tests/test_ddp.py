@@ -12,9 +12,9 @@ import torch
 from test_data import write_synthetic_shards
 from test_trainer import TINY, tiny_overrides
 
-from train.config import load_train_config
-from train.data import BatchStream
-from train.trainer import FINAL_NAME, METRICS_NAME, read_metrics
+from genpan.train.config import load_train_config
+from genpan.train.data import BatchStream
+from genpan.train.trainer import FINAL_NAME, METRICS_NAME, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

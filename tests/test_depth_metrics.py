@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from eval.depth import depth_table_markdown, eigen_crop_mask, image_depth_metrics, mean_depth_metrics
+from genpan.eval.depth import depth_table_markdown, eigen_crop_mask, image_depth_metrics, mean_depth_metrics
 
 
 def slow_metrics(pred: np.ndarray, gt: np.ndarray, lo: float, hi: float) -> dict[str, float]:
@@ -70,7 +70,7 @@ def test_eigen_crop() -> None:
 def test_cli_on_folders(tmp_path) -> None:
     import cv2
 
-    from eval.depth import main
+    from genpan.eval.depth import main
 
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     gt.mkdir()
@@ -90,7 +90,7 @@ def test_cli_on_folders(tmp_path) -> None:
 
 
 def test_disparity_alignment_recovers_depth_up_to_scale_and_shift() -> None:
-    from eval.depth import disparity_to_aligned_depth
+    from genpan.eval.depth import disparity_to_aligned_depth
 
     rng = np.random.default_rng(1)
     gt = rng.uniform(1.0, 8.0, (6, 9))

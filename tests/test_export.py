@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.exported import ExportPredictor, bicubic_matrix
-from eval.postprocess import decode_embeddings
 from genpan.config import to_dict
-from train.model import build_model, tiny_cpu_config
+from genpan.eval.exported import ExportPredictor, bicubic_matrix
+from genpan.eval.postprocess import decode_embeddings
+from genpan.train.model import build_model, tiny_cpu_config
 
 # float32 tolerance of the exported outputs vs eager: the same ops up to summation order in the pos-embed
 # resize and ONNX Runtime's kernels (measured ≈ 1e-6 on logits of magnitude ≈ 1)
@@ -77,10 +77,10 @@ def save_checkpoint(model, path):
 def exported(tmp_path_factory):
     """A small random model saved as a checkpoint, a 3-image synthetic split, and the model exported once to .pt2
     and ONNX with its metadata (export is the slow part of this file)."""
-    from eval.export import export_onnx, export_program, write_artefact_meta
-    from eval.predict import load_checkpoint_for_inference, normalise_categories
     from genpan.coco_panoptic import load_panoptic_json
-    from prep.synthetic import SceneConfig, generate_split
+    from genpan.eval.export import export_onnx, export_program, write_artefact_meta
+    from genpan.eval.predict import load_checkpoint_for_inference, normalise_categories
+    from genpan.prep.synthetic import SceneConfig, generate_split
 
     pytest.importorskip("onnxscript")
     folder = tmp_path_factory.mktemp("export")
@@ -125,8 +125,8 @@ def test_onnx_parity(exported, size):
 
 def test_predict_backends_write_the_same_scorable_output(exported, tmp_path):
     """predict.py end to end with each backend: identical COCO panoptic output that eval/pq.py accepts."""
-    from eval.pq import pq_compute
-    from eval.predict import main as predict
+    from genpan.eval.pq import pq_compute
+    from genpan.eval.predict import main as predict
 
     _, _, pt2, onnx_path, split_json = exported
     checkpoint = pt2.parent / "final.pt"
@@ -149,7 +149,7 @@ def test_predict_backends_write_the_same_scorable_output(exported, tmp_path):
 
 
 def test_export_cli_errors(tmp_path, capsys):
-    from eval.export import main
+    from genpan.eval.export import main
 
     assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "m")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err

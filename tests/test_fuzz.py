@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eval.pq import pq_compute
 from genpan.coco_panoptic import id_to_rgb
-from prep.readers import Sample, SampleError
-from prep.readers.coco import CocoPanopticReader
+from genpan.eval.pq import pq_compute
+from genpan.prep.readers import Sample, SampleError
+from genpan.prep.readers.coco import CocoPanopticReader
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -275,7 +275,7 @@ def damaged_samples(draw: Any) -> dict[str, Any]:
 @given(damaged_samples())
 def test_loader_decode_of_damaged_samples_raises_only_value_errors(raw: dict[str, Any]) -> None:
     """decode_sample of a damaged sample gives consistent arrays or a ValueError naming the sample."""
-    from train.data import decode_sample
+    from genpan.train.data import decode_sample
 
     try:
         out = decode_sample(raw, "disp")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import losses as L
+from genpan.train import losses as L
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "test_kernels_interpreted.py"
@@ -55,7 +55,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path, monkeypatch):
         from triton.compiler import ASTSource
     except ImportError as exc:  # pragma: no cover - depends on the installed triton build
         pytest.skip(f"triton without the AOT compiler API: {exc}")
-    from kernels import inst_loss, sem_loss
+    from genpan.kernels import inst_loss, sem_loss
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # the default, set to silence Triton 3.9's notice

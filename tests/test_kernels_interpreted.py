@@ -28,9 +28,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from process start; tests/test_kernels.py runs it in a subprocess",
                 allow_module_level=True)
 
-from kernels import inst_loss as inst_k  # noqa: E402
-from kernels import sem_loss as sem_k  # noqa: E402
-from train import losses as L  # noqa: E402
+from genpan.kernels import inst_loss as inst_k  # noqa: E402
+from genpan.kernels import sem_loss as sem_k  # noqa: E402
+from genpan.train import losses as L  # noqa: E402
 
 BF16_RTOL = 2.0**-7
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import losses as L
+from genpan.train import losses as L
 
 B, H, W = 2, 5, 7
 DT = torch.float64

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from train.model.decoder import SharedDecoder, coordinate_features
-from train.model.layer_decay import param_groups_layer_decay
-from train.model.panoptic import ModelConfig, build_model, default_layers, tiny_cpu_config
+from genpan.train.model.decoder import SharedDecoder, coordinate_features
+from genpan.train.model.layer_decay import param_groups_layer_decay
+from genpan.train.model.panoptic import ModelConfig, build_model, default_layers, tiny_cpu_config
 
 
 def small_config(**overrides) -> ModelConfig:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.postprocess import (
+from genpan.eval.postprocess import (
     PostprocessConfig,
     cell_of,
     decode_embeddings,
@@ -18,7 +18,7 @@ from eval.postprocess import (
     take_columns,
     top_class,
 )
-from prep.targets import pe_target
+from genpan.labels import pe_target
 
 # train ids: 0, 1 things (categories 1, 2); 2, 3 stuff (categories 10, 11)
 TRAIN_TO_CAT = [1, 2, 10, 11]
@@ -235,7 +235,7 @@ def test_random_scenes_recover_up_to_the_grid_limit(merge: bool) -> None:
 
 
 def test_pq_is_one_on_ideal_outputs() -> None:
-    pq_match = pytest.importorskip("eval.pq_match")
+    pq_match = pytest.importorskip("genpan.eval.pq_match")
     cats = pq_match.CategoryTable.from_coco([{"id": c, "isthing": int(c in THING_CATS)} for c in TRAIN_TO_CAT])
     for scene in (_scene_touching_split_tiny, _scene_disconnected_stuff_and_crowd):
         pan, segs = scene()
@@ -248,9 +248,9 @@ def test_pq_is_one_on_ideal_outputs() -> None:
 def test_synthetic_set_pq_is_one_up_to_the_grid_limit() -> None:
     """targets → ideal embeddings → post-process on the project's synthetic scenes: every scene is
     the GT up to the documented grid merge, and PQ = 1 on every scene the grid does not merge."""
-    pq_match = pytest.importorskip("eval.pq_match")
-    from prep.readers.base import contiguous_train_ids
-    from prep.synthetic import SceneConfig, categories, make_scene
+    pq_match = pytest.importorskip("genpan.eval.pq_match")
+    from genpan.prep.readers.base import contiguous_train_ids
+    from genpan.prep.synthetic import SceneConfig, categories, make_scene
 
     cats = categories()
     table = contiguous_train_ids(cats)
@@ -439,7 +439,7 @@ def _write_gt(root, scenes: list[tuple[np.ndarray, list[dict]]]):
 
 
 def test_parse_grid_types_values_and_rejects_bad_options() -> None:
-    from eval.sweep import grid_configs, parse_grid
+    from genpan.eval.sweep import grid_configs, parse_grid
 
     grid = parse_grid(["grid_size=40,80", "merge_adjacent=true,false", "thing_mode=semantic,zero_vector", "nms_sigma=2"])
     assert grid == {"grid_size": [40, 80], "merge_adjacent": [True, False], "thing_mode": ["semantic", "zero_vector"], "nms_sigma": [2]}
@@ -454,7 +454,7 @@ def test_parse_grid_types_values_and_rejects_bad_options() -> None:
 
 
 def test_resize_ids_matches_a_loop() -> None:
-    from eval.sweep import resize_ids
+    from genpan.eval.sweep import resize_ids
 
     pan = np.random.default_rng(0).integers(0, 4, (7, 9)).astype(np.int32)
     segs = [{"id": i, "category_id": 1} for i in (1, 2, 3, 9)]
@@ -481,7 +481,7 @@ class _ExactScorer:
 
 
 def test_run_sweep_ranks_configs_with_a_given_scorer() -> None:
-    from eval.sweep import GTImage, RawOutputs, grid_configs, run_sweep
+    from genpan.eval.sweep import GTImage, RawOutputs, grid_configs, run_sweep
 
     scenes = [_scene_touching_split_tiny(), _scene_disconnected_stuff_and_crowd()]
 
@@ -499,10 +499,10 @@ def test_run_sweep_ranks_configs_with_a_given_scorer() -> None:
 
 
 def test_sweep_cli_end_to_end(tmp_path, capsys) -> None:
-    pytest.importorskip("eval.pq_match")
-    from eval.sweep import PostprocessConfig as SweepConfig
-    from eval.sweep import main, save_outputs
+    pytest.importorskip("genpan.eval.pq_match")
     from genpan.config import load_config
+    from genpan.eval.sweep import PostprocessConfig as SweepConfig
+    from genpan.eval.sweep import main, save_outputs
 
     scenes = [_scene_touching_split_tiny(), _scene_disconnected_stuff_and_crowd()]
     gt_json = _write_gt(tmp_path, scenes)
@@ -532,7 +532,7 @@ def test_sweep_cli_end_to_end(tmp_path, capsys) -> None:
 
 def test_baseline_encodings_decode_like_pe() -> None:
     """The appendix C encodings, turned into PE embeddings, decode to the same grid cells as PE itself."""
-    from eval.postprocess import as_pe_embeddings, decode_embeddings
+    from genpan.eval.postprocess import as_pe_embeddings, decode_embeddings
 
     rng = np.random.default_rng(0)
     G, bins, L = 40, 40, 4

@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eval.pq import PQInputError, PQResult, main, pq_compute
-from eval.pq_match import CategoryTable, pq_image
-from eval.pq_synth import Panoptic as SynthPanoptic
-from eval.pq_synth import make_pair, write_coco_panoptic
+from genpan.eval.pq import PQInputError, PQResult, main, pq_compute
+from genpan.eval.pq_match import CategoryTable, pq_image
+from genpan.eval.pq_synth import Panoptic as SynthPanoptic
+from genpan.eval.pq_synth import make_pair, write_coco_panoptic
 
 REPO = Path(__file__).resolve().parents[1]
 CATS = [
@@ -401,9 +401,9 @@ def test_png_folders_default_to_the_json_path_without_suffix(tmp_path):
 def test_run_length_path_equals_the_map_path(tmp_path):
     """pq_compute reads OpenCV-written PNGs as runs (never building the pixel map); PIL-written ones go
     through the decoded map. Both must give exactly pq_image's numbers on the maps."""
-    from eval.pq_match import pq_image_runs
-    from eval.pq_synth import resave_with_pil
     from genpan.coco_panoptic import PanopticRuns, load_panoptic_json, read_panoptic_png, read_panoptic_runs
+    from genpan.eval.pq_match import pq_image_runs
+    from genpan.eval.pq_synth import resave_with_pil
 
     paths = make_pair(tmp_path, 12, seed=5, size_range=(1, 40))
     gt_json, pred_json = load_panoptic_json(paths["gt_json"]), load_panoptic_json(paths["pred_json"])
@@ -427,8 +427,8 @@ def test_run_length_path_equals_the_map_path(tmp_path):
 def test_dense_matching_equals_the_sparse_pairs(monkeypatch):
     """Small images are matched on the full intersection matrix, large ones on sparse pairs: both must
     give the same statistics and records, crowd, void and FP-ignoring cases included."""
-    import eval.pq_match as pq_match
-    from eval.pq_synth import perturb_prediction, random_panoptic
+    import genpan.eval.pq_match as pq_match
+    from genpan.eval.pq_synth import perturb_prediction, random_panoptic
 
     rng = np.random.default_rng(11)
     cats = CategoryTable.from_coco(CATS)

@@ -8,12 +8,12 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from eval.plots import plot_pq_by_size
-from eval.pq import PQResult, pq_compute
-from eval.pq_buckets import COCO_EDGES, pq_by_size
-from eval.pq_match import FN, FP, TP, CategoryTable, pq_image
-from eval.pq_synth import make_pair
-from eval.report import write_report
+from genpan.eval.plots import plot_pq_by_size
+from genpan.eval.pq import PQResult, pq_compute
+from genpan.eval.pq_buckets import COCO_EDGES, pq_by_size
+from genpan.eval.pq_match import FN, FP, TP, CategoryTable, pq_image
+from genpan.eval.pq_synth import make_pair
+from genpan.eval.report import write_report
 
 CATS = [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b", "isthing": 1}, {"id": 10, "name": "s", "isthing": 0}]
 TABLE = CategoryTable.from_coco(CATS)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval.postprocess import ideal_outputs, postprocess
-from eval.predict import (
+from genpan.config import to_dict
+from genpan.eval.postprocess import ideal_outputs, postprocess
+from genpan.eval.predict import (
     Backend,
     fit_size,
     load_checkpoint_for_inference,
@@ -22,9 +23,8 @@ from eval.predict import (
     resize_segments,
     window_starts,
 )
-from genpan.config import to_dict
-from prep.targets import pe_target
-from train.model import build_model, tiny_cpu_config
+from genpan.labels import pe_target
+from genpan.train.model import build_model, tiny_cpu_config
 
 CATEGORIES = [{"id": 1, "name": "disc", "isthing": 1, "train_id": 0}, {"id": 101, "name": "sky", "isthing": 0, "train_id": 1}]
 

@@ -15,10 +15,10 @@ from PIL import Image
 from scipy.io import savemat
 
 from genpan.coco_panoptic import encode_panoptic_png, read_panoptic_png, write_panoptic_png
-from prep.readers import Sample, SampleError, iterate, make_reader
-from prep.readers.cityscapes import CITYSCAPES_CLASSES
-from prep.readers.image_header import image_info
-from prep.synthetic import generate_split
+from genpan.prep.readers import Sample, SampleError, iterate, make_reader
+from genpan.prep.readers.cityscapes import CITYSCAPES_CLASSES
+from genpan.prep.readers.image_header import image_info
+from genpan.prep.synthetic import generate_split
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs import reprocess
-from prep import build_shards
-from prep.build_shards import output_lock
-from prep.manifest import MANIFEST_NAME, read_manifest
-from prep.synthetic import SceneConfig, generate_split
+from genpan.jobs import reprocess
+from genpan.prep import build_shards
+from genpan.prep.build_shards import output_lock
+from genpan.prep.manifest import MANIFEST_NAME, read_manifest
+from genpan.prep.synthetic import SceneConfig, generate_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import torch
 from test_data import write_synthetic_shards
 from test_trainer import TINY, tiny_overrides
 
-from train.checkpoint import SHARED_NAME, list_checkpoints, load_latest
-from train.config import load_train_config
-from train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
+from genpan.train.checkpoint import SHARED_NAME, list_checkpoints, load_latest
+from genpan.train.config import load_train_config
+from genpan.train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

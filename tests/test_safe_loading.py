@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from prep.manifest import MANIFEST_NAME, Manifest, ShardRow, write_manifest
-from prep.readers.base import make_key
-from prep.shards import inside
+from genpan.prep.manifest import MANIFEST_NAME, Manifest, ShardRow, write_manifest
+from genpan.prep.readers.base import make_key
+from genpan.prep.shards import inside
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_the_payload_is_live_without_weights_only(tmp_path: Path) -> None:
 
 
 def test_dinov2_teacher_weights_loader_refuses_pickled_code(tmp_path: Path) -> None:
-    from train.model.pretrained import load_dinov2_checkpoint
+    from genpan.train.model.pretrained import load_dinov2_checkpoint
 
     marker = tmp_path / "ran"
     path = malicious_checkpoint(tmp_path / "dinov2_vits14_pretrain.pth", marker, wrap=None)
@@ -58,7 +58,7 @@ def test_dinov2_teacher_weights_loader_refuses_pickled_code(tmp_path: Path) -> N
 
 def _step_folder(root: Path, marker: Path) -> Path:
     """A trainer checkpoint folder whose checksums match, so only weights_only stands between it and the code."""
-    from train.checkpoint import CHECKSUMS_NAME, SHARED_NAME, rank_file, step_dir_name
+    from genpan.train.checkpoint import CHECKSUMS_NAME, SHARED_NAME, rank_file, step_dir_name
 
     folder = root / step_dir_name(10)
     malicious_checkpoint(folder / SHARED_NAME, marker)
@@ -69,7 +69,7 @@ def _step_folder(root: Path, marker: Path) -> Path:
 
 
 def test_trainer_resume_loader_refuses_pickled_code(tmp_path: Path) -> None:
-    from train.checkpoint import load_latest
+    from genpan.train.checkpoint import load_latest
 
     marker = tmp_path / "ran"
     _step_folder(tmp_path / "checkpoints", marker)
@@ -79,7 +79,7 @@ def test_trainer_resume_loader_refuses_pickled_code(tmp_path: Path) -> None:
 
 
 def test_trainer_init_from_loader_refuses_pickled_code(tmp_path: Path) -> None:
-    from train.checkpoint import load_model_weights
+    from genpan.train.checkpoint import load_model_weights
 
     marker = tmp_path / "ran"
     folder = _step_folder(tmp_path / "checkpoints", marker)
@@ -89,7 +89,7 @@ def test_trainer_init_from_loader_refuses_pickled_code(tmp_path: Path) -> None:
 
 
 def test_inference_loader_refuses_pickled_code(tmp_path: Path) -> None:
-    from eval.predict import load_checkpoint_for_inference
+    from genpan.eval.predict import load_checkpoint_for_inference
 
     marker = tmp_path / "ran"
     with pytest.raises(ValueError, match="cannot read checkpoint"):
@@ -119,7 +119,7 @@ def test_manifest_shard_paths_cannot_leave_the_output(tmp_path: Path, name: str)
 
 
 def test_a_run_over_a_hostile_manifest_touches_nothing_outside(tmp_path: Path) -> None:
-    from prep.synthetic import SceneConfig, generate_split
+    from genpan.prep.synthetic import SceneConfig, generate_split
 
     data, out = tmp_path / "data", tmp_path / "out"
     generate_split(data, "train", 2, seed=0, cfg=SceneConfig(min_size=32, max_size=40), progress=False)
@@ -157,7 +157,7 @@ def hostile_shard(path: Path, member: str) -> Path:
 
 @pytest.mark.parametrize("member", ["/tmp/genpan-evil/evil.jpg", "sub/../../evil.jpg"])
 def test_predict_rejects_tar_members_that_leave_the_folder(tmp_path: Path, member: str) -> None:
-    from eval.predict import shard_source
+    from genpan.eval.predict import shard_source
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -167,7 +167,7 @@ def test_predict_rejects_tar_members_that_leave_the_folder(tmp_path: Path, membe
 
 
 def test_train_loader_rejects_a_hostile_member_key() -> None:
-    from train.data import decode_sample
+    from genpan.train.data import decode_sample
 
     for key in ("/tmp/genpan-evil/evil", "sub/../../evil", ""):
         with pytest.raises(ValueError, match="not a plain sample key"):
@@ -178,7 +178,7 @@ def test_trainer_cli_refuses_pickled_code_with_one_line(tmp_path: Path, capsys) 
     """`train/main.py --init-from evil.pt` ends with exit 2 and an `error:` line, not a traceback."""
     from test_data import write_synthetic_shards
 
-    from train.main import main
+    from genpan.train.main import main
 
     marker = tmp_path / "ran"
     evil = malicious_checkpoint(tmp_path / "evil" / "final.pt", marker)

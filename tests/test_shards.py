@@ -13,11 +13,12 @@ import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prep.build_shards import build_shard
-from prep.manifest import Manifest, SampleRow, ShardRow, read_manifest, write_manifest
-from prep.readers.base import Sample
-from prep.readers.coco import coco_layout
-from prep.shards import (
+from genpan.labels import DEFAULT_DIST_SCALE, decode_distance, eds_weight
+from genpan.prep.build_shards import build_shard
+from genpan.prep.manifest import Manifest, SampleRow, ShardRow, read_manifest, write_manifest
+from genpan.prep.readers.base import Sample
+from genpan.prep.readers.coco import coco_layout
+from genpan.prep.shards import (
     DISP_SCALE,
     ShardParams,
     assign_shards,
@@ -29,9 +30,9 @@ from prep.shards import (
     params_digest,
     write_tar,
 )
-from prep.synthetic import generate_split
-from prep.targets import DEFAULT_DIST_SCALE, build_targets, decode_distance, eds_weight, encode_distance
-from prep.teachers import disparity_from_depth
+from genpan.prep.synthetic import generate_split
+from genpan.prep.targets import build_targets, encode_distance
+from genpan.prep.teachers import disparity_from_depth
 
 
 @pytest.fixture(scope="module")

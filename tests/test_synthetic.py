@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from genpan.coco_panoptic import read_panoptic_png
-from prep.readers import iterate, make_reader
-from prep.synthetic import STUFF_CLASSES, THING_CLASSES, generate_split
-from prep.targets import boundary_mask
+from genpan.prep.readers import iterate, make_reader
+from genpan.prep.synthetic import STUFF_CLASSES, THING_CLASSES, generate_split
+from genpan.prep.targets import boundary_mask
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_depth_things_in_front_of_stuff(dataset: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    from prep.synthetic import main
+    from genpan.prep.synthetic import main
 
     assert main(["--out", str(tmp_path), "--train", "2", "--val", "1"]) == 0
     assert (tmp_path / "annotations/panoptic_val.json").is_file()

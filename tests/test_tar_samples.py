@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from train.tar_samples import TarFormatError, tar_samples
+from genpan.train.tar_samples import TarFormatError, tar_samples
 
 
 def webdataset_samples(path: Path) -> list[dict]:

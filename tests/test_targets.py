@@ -11,18 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from prep.targets import (
-    DIST_SCALE,
-    IGNORE,
+from genpan.labels import DIST_SCALE, IGNORE, decode_distance, eds_weight, pe_encode, pe_target
+from genpan.prep.targets import (
     boundary_distance,
     boundary_mask,
     build_targets,
-    decode_distance,
-    eds_weight,
     encode_distance,
     instance_map,
-    pe_encode,
-    pe_target,
     segment_index_map,
     segment_stats,
     semantic_map,

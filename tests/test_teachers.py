@@ -10,14 +10,14 @@ import pytest
 import webdataset as wds
 import zarr
 
-from prep.build_shards import DataConfig, PrepConfig, RunConfig, ShardConfig, SyntheticConfig, TeacherConfig, run
-from prep.depth_cache import DepthCache, decode_rgb, fill_cache, teacher_slug
-from prep.manifest import MANIFEST_NAME, read_manifest
-from prep.readers.base import Sample
-from prep.readers.coco import coco_layout
-from prep.shards import encode_disparity
-from prep.synthetic import SceneConfig, generate_split
-from prep.teachers import GroundTruthDepthTeacher, network_input_shape
+from genpan.prep.build_shards import DataConfig, PrepConfig, RunConfig, ShardConfig, SyntheticConfig, TeacherConfig, run
+from genpan.prep.depth_cache import DepthCache, decode_rgb, fill_cache, teacher_slug
+from genpan.prep.manifest import MANIFEST_NAME, read_manifest
+from genpan.prep.readers.base import Sample
+from genpan.prep.readers.coco import coco_layout
+from genpan.prep.shards import encode_disparity
+from genpan.prep.synthetic import SceneConfig, generate_split
+from genpan.prep.teachers import GroundTruthDepthTeacher, network_input_shape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_depth_anything_teacher(tiny_checkpoint: Path, small_data: Path) -> None:
-    from prep.teachers import DepthAnythingV2Teacher, depth_anything_identity
+    from genpan.prep.teachers import DepthAnythingV2Teacher, depth_anything_identity
 
     teacher = DepthAnythingV2Teacher(tiny_checkpoint, input_size=56)
     assert teacher.identity == depth_anything_identity(tiny_checkpoint, 56)
@@ -105,7 +105,7 @@ def test_depth_anything_teacher(tiny_checkpoint: Path, small_data: Path) -> None
 
 def test_teacher_stage_caches_and_resharding_never_reruns_it(ray_address: str, tiny_checkpoint: Path, small_data: Path,
                                                              tmp_path: Path) -> None:
-    from prep.teachers import DepthAnythingV2Teacher
+    from genpan.prep.teachers import DepthAnythingV2Teacher
 
     reader = coco_layout(small_data, "train", with_depth=True, dataset="synthetic")
     teacher = DepthAnythingV2Teacher(tiny_checkpoint, input_size=56)

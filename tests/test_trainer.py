@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_data import write_synthetic_shards
 
-from train.config import load_train_config
-from train.main import main
-from train.model import build_model, param_groups_layer_decay
-from train.schedule import WarmupCosine, build_scheduler
-from train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
+from genpan.train.config import load_train_config
+from genpan.train.main import main
+from genpan.train.model import build_model, param_groups_layer_decay
+from genpan.train.schedule import WarmupCosine, build_scheduler
+from genpan.train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
 
 torch.set_num_threads(1)
 TINY = "train/configs/tiny_cpu.toml"
@@ -122,8 +122,8 @@ def test_shipped_configs_load(name):
 
 def test_final_checkpoint_records_the_category_table_and_checks_num_classes(two_image_shards, tmp_path) -> None:
     """predict.py reads the categories from final.pt; a head size that disagrees with the shards is an error."""
-    from train.data import shard_categories
-    from train.main import main
+    from genpan.train.data import shard_categories
+    from genpan.train.main import main
 
     table = shard_categories(sorted(str(p) for p in two_image_shards.glob("*.tar")))
     assert table and all(len(row) == 4 for row in table)

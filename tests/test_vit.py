@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.model.layers import Attention, Block, SwiGLUFFN, swiglu_hidden_dim
-from train.model.pretrained import load_dinov2_checkpoint
-from train.model.vit import (
+from genpan.train.model.layers import Attention, Block, SwiGLUFFN, swiglu_hidden_dim
+from genpan.train.model.pretrained import load_dinov2_checkpoint
+from genpan.train.model.vit import (
     DinoVisionTransformer,
     interpolate_patch_pos_embed,
     sincos_pos_embed_2d,

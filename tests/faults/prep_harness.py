@@ -46,7 +46,7 @@ SAMPLES_PER_SHARD = 2
 
 # -- fixtures ------------------------------------------------------------------------------------------
 def make_dataset(root: Path, n: int = N_IMAGES, seed: int = 11) -> Path:
-    from prep.synthetic import SceneConfig, generate_split
+    from genpan.prep.synthetic import SceneConfig, generate_split
 
     generate_split(root, "train", n, seed=seed, cfg=SceneConfig(min_size=40, max_size=64), progress=False)
     return root
@@ -100,7 +100,7 @@ def shard_files(out: Path) -> dict[str, bytes]:
 
 
 def manifest_content(out: Path) -> dict[str, object] | None:
-    from prep.manifest import MANIFEST_NAME, read_manifest
+    from genpan.prep.manifest import MANIFEST_NAME, read_manifest
 
     manifest = read_manifest(out / MANIFEST_NAME)
     if manifest is None:

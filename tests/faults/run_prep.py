@@ -47,7 +47,7 @@ class FakeDepthTeacher:
         self.identity = identity
 
     def __call__(self, images: Sequence[Any], depths: Sequence[Any] | None = None) -> list[Any]:
-        from prep.teachers import normalise_min_max
+        from genpan.prep.teachers import normalise_min_max
 
         return [normalise_min_max(img.astype("float64").mean(axis=2)) for img in images]
 
@@ -89,9 +89,9 @@ def pause_until_released(signal_dir: Path) -> Callable[[], None]:
 def install_hooks(trigger: Trigger) -> None:
     import zarr.storage._local as zarr_local
 
-    import prep.build_shards as build_shards
-    import prep.manifest as manifest
-    import prep.teachers as teachers
+    import genpan.prep.build_shards as build_shards
+    import genpan.prep.manifest as manifest
+    import genpan.prep.teachers as teachers
 
     real_addfile = tarfile.TarFile.addfile
 
@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     install_hooks(trigger)
     job_args = args.job_args[1:] if args.job_args[:1] == ["--"] else args.job_args
     if args.entry == "build":
-        from prep.build_shards import main as job_main
+        from genpan.prep.build_shards import main as job_main
     else:
-        from jobs.reprocess import main as job_main
+        from genpan.jobs.reprocess import main as job_main
     return job_main(job_args)
 
 

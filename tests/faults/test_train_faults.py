@@ -16,9 +16,9 @@ from test_data import write_synthetic_shards
 from test_resume import losses_of, resume_overrides
 from test_trainer import TINY
 
-from train.checkpoint import SHARED_NAME, list_checkpoints, step_dir_name
-from train.config import load_train_config
-from train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
+from genpan.train.checkpoint import SHARED_NAME, list_checkpoints, step_dir_name
+from genpan.train.config import load_train_config
+from genpan.train.trainer import FINAL_NAME, METRICS_NAME, Trainer, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS = 6
