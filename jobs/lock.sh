@@ -18,7 +18,7 @@ stamp="# $(date -u +%Y-%m-%d) from bash jobs/lock.sh with $($PY --version); inst
 # line matches PyPI's and PyTorch's CPU index's file names.
 {
   echo "$stamp"
-  $PY -m pip freeze --exclude-editable | grep -v '^genpan' | sed 's/^\(torch==[^+]*\)+.*/\1/' | LC_ALL=C sort -f
+  $PY -m pip freeze --all --exclude-editable | grep -v -e '^genpan' -e '^pip==' | sed 's/^\(torch==[^+]*\)+.*/\1/' | LC_ALL=C sort -f
 } > jobs/locks/cpu.txt
 
 # The CUDA lock: every CPU-lock version fixed, resolved (not installed) against PyPI alone.
@@ -26,7 +26,8 @@ stamp="# $(date -u +%Y-%m-%d) from bash jobs/lock.sh with $($PY --version); inst
 # resolved apart (it installs with --no-deps from the lock in any case).
 pins=$(mktemp); report=$(mktemp)
 grep -v -e '^#' -e '^panopticapi-lite==' jobs/locks/cpu.txt > "$pins"
-PIP_CONFIG_FILE=/dev/null $PY -m pip install -q --dry-run --ignore-installed --report "$report" \
+# Only PyPI: no pip configuration file, no find-links or extra indexes from the environment.
+env $(env | sed -n 's/^\(PIP_[A-Z_]*\)=.*/-u \1/p' | grep -v PIP_CERT) PIP_CONFIG_FILE=/dev/null $PY -m pip install -q --dry-run --ignore-installed --report "$report" \
   --index-url https://pypi.org/simple -r "$pins" >&2
 {
   echo "$stamp"

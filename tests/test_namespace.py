@@ -42,7 +42,7 @@ def test_transformers_and_fused_losses_import_from_the_repo_root():
     proc = _python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels_file = Path(proc.stdout.strip().splitlines()[-1]).resolve()
-    assert not kernels_file.is_relative_to(REPO), f"`import kernels` from the repo root found {kernels_file}"
+    assert "site-packages" in kernels_file.parts, f"`import kernels` from the repo root found {kernels_file}"
 
 
 def test_stage_names_hold_no_library_code_from_the_repo_root():
@@ -58,7 +58,7 @@ def test_stage_names_hold_no_library_code_from_the_repo_root():
     found = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
     for name, origin in found.items():
         if name == "kernels" and origin not in ("none", "namespace"):
-            assert not Path(origin).resolve().is_relative_to(REPO), f"kernels resolves to the repo: {origin}"
+            assert "site-packages" in Path(origin).parts, f"kernels resolves to {origin}, not the installed package"
         else:
             assert origin in ("none", "namespace"), f"{name} resolves to a module: {origin}"
 
@@ -110,7 +110,7 @@ def test_in_process_imports():
     for name in FUSED_LOSS_MODULES:
         importlib.import_module(name)
     hf_kernels = sys.modules["kernels"]
-    assert not Path(hf_kernels.__file__).resolve().is_relative_to(REPO)
+    assert "site-packages" in Path(hf_kernels.__file__).parts, hf_kernels.__file__
 
 
 def test_non_editable_install_exposes_only_genpan(tmp_path):
@@ -128,9 +128,14 @@ def test_non_editable_install_exposes_only_genpan(tmp_path):
     purelib = Path(subprocess.run([str(scratch_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   capture_output=True, text=True, check=True).stdout.strip())
     before = set(os.listdir(purelib))
-    # The build uses this environment's setuptools (no download); the scratch venv gets the package alone.
+    # The wheel is built with this environment's setuptools (no download), then installed alone.
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("genpan-*.whl")
     proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(scratch_python), "install", "-q", "--no-deps",
-                           "--no-build-isolation", "--no-index", str(src)], capture_output=True, text=True, timeout=600)
+                           "--no-index", str(wheel)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     added = set(os.listdir(purelib)) - before
     top_level = sorted(name for name in added if not name.endswith((".dist-info", ".pth")) and name != "__pycache__")
