@@ -3,6 +3,7 @@ loading, and the CLI end to end on a folder and with clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import cv2
@@ -209,3 +210,27 @@ def test_cli_on_shards_reads_images_and_category_table(tmp_path):
     assert [a["image_id"] for a in data["annotations"]] == ["img_a", "img_b"]
     assert [(i["height"], i["width"]) for i in data["images"]] == [(40, 60), (30, 30)]
     assert {c["id"] for c in data["categories"]} == {1, 101}
+
+
+def test_inference_loader_verifies_checksums(tmp_path):
+    """predict and export read checkpoints through train/checkpoint.py's loader, which checks the sha256 first."""
+    from genpan.train.checkpoint import SHARED_NAME, write_with_checksum
+
+    data = tiny_checkpoint(tmp_path / "plain.pt", CATEGORIES).read_bytes()
+    final = tmp_path / "final.pt"
+    write_with_checksum(final, data)
+    assert (tmp_path / "final.pt.sha256").read_text().split() == [hashlib.sha256(data).hexdigest(), "final.pt"]
+    load_checkpoint_for_inference(final)
+    final.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(ValueError, match="does not match final.pt.sha256"):
+        load_checkpoint_for_inference(final)
+    step = tmp_path / "step-00000001"
+    step.mkdir()
+    (step / SHARED_NAME).write_bytes(data)
+    with pytest.raises(ValueError, match="checksums.json is missing"):
+        load_checkpoint_for_inference(step)
+    (step / "checksums.json").write_text(json.dumps({"sha256": {SHARED_NAME: "0" * 64}}))
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        load_checkpoint_for_inference(step / SHARED_NAME)
+    (step / "checksums.json").write_text(json.dumps({"sha256": {SHARED_NAME: hashlib.sha256(data).hexdigest()}}))
+    load_checkpoint_for_inference(step)

@@ -53,6 +53,7 @@ from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_
 from genpan.labels import pe_target
 from genpan.prep.readers.base import contiguous_train_ids
 from genpan.prep.targets import segment_stats
+from genpan.train.checkpoint import read_checkpoint
 from genpan.train.model import ModelConfig, PanopticModel, build_model
 
 PATCH = 14
@@ -127,15 +128,8 @@ def load_checkpoint_for_inference(path: str | Path, categories: Sequence[Any] | 
     checkpoint has none. Raises FileNotFoundError / ValueError naming the file.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "shared.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+    payload = read_checkpoint(path, "--checkpoint")
+    if "config" not in payload:
         raise ValueError(f"{path}: not a genpan checkpoint (needs 'model' weights and 'config')")
     config = payload["config"]
     if isinstance(config, str):

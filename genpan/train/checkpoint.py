@@ -4,6 +4,7 @@
         shared.pt        model, optimizer, scheduler, scaler, step (rank 0; the same on every rank)
         rank-0.pt ...    per-rank RNG states (python, numpy, torch, cuda, augmentation generator) and data position
         checksums.json   sha256 of every file, written last
+    {out}/final.pt       model weights + config + categories, and final.pt.sha256 beside it
 
 Every rank writes its own file into `.step-N.tmp`; after a barrier rank 0 writes the shared state and the
 checksums, then renames the folder to `step-N` (a rename is atomic), so a crash leaves either a complete
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import random
 import re
 import shutil
@@ -33,6 +35,7 @@ from genpan.atomic import atomic_write_bytes, atomic_write_text
 STEP_DIR = re.compile(r"^step-(\d+)$")
 SHARED_NAME = "shared.pt"
 CHECKSUMS_NAME = "checksums.json"
+SIDECAR_SUFFIX = ".sha256"  # final.pt.sha256 beside final.pt
 
 
 def rank_file(rank: int) -> str:
@@ -130,6 +133,11 @@ def prune(ckpt_root: Path, keep: int) -> None:
 # -- loading --------------------------------------------------------------------------------------------
 def verify(folder: Path, rank: int) -> str | None:
     """None when the shared file and this rank's file match their recorded checksums, else the reason."""
+    return verify_files(folder, (SHARED_NAME, rank_file(rank)))
+
+
+def verify_files(folder: Path, names: tuple[str, ...]) -> str | None:
+    """None when every named file of a step folder matches checksums.json, else the reason."""
     sums_path = folder / CHECKSUMS_NAME
     if not sums_path.is_file():
         return f"{CHECKSUMS_NAME} is missing"
@@ -137,7 +145,7 @@ def verify(folder: Path, rank: int) -> str | None:
         sums = json.loads(sums_path.read_text())["sha256"]
     except (ValueError, KeyError) as exc:
         return f"{CHECKSUMS_NAME} is unreadable ({exc})"
-    for name in (SHARED_NAME, rank_file(rank)):
+    for name in names:
         path = folder / name
         if name not in sums:
             return f"{name} is not listed in {CHECKSUMS_NAME} (saved with another world size?)"
@@ -146,6 +154,46 @@ def verify(folder: Path, rank: int) -> str | None:
         if sha256_file(path) != sums[name]:
             return f"{name} does not match its sha256 (truncated or corrupt)"
     return None
+
+
+def write_with_checksum(path: Path, data: bytes) -> None:
+    """A single-file checkpoint (final.pt) and its `sha256sum`-format sidecar, each written atomically."""
+    atomic_write_bytes(path, data)
+    atomic_write_text(path.with_name(path.name + SIDECAR_SUFFIX), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The payload of a trainer checkpoint, checksums verified first, loaded with weights_only.
+
+    `path` is a `step-N` folder or its `shared.pt` (verified against the folder's checksums.json), or a
+    single file such as `final.pt` (verified against `final.pt.sha256` when it has one; files from
+    elsewhere may come without). Raises FileNotFoundError or ValueError with a one-line reason.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else (path.parent if path.name == SHARED_NAME else None)
+    file = folder / SHARED_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{what}: checkpoint not found: {file}")
+    if folder is not None:
+        problem = verify_files(folder, (SHARED_NAME,))
+        if problem is not None:
+            raise ValueError(f"{what}: checkpoint {folder} is unusable: {problem}")
+    else:
+        sidecar = file.with_name(file.name + SIDECAR_SUFFIX)
+        if sidecar.is_file():
+            recorded = sidecar.read_text().split()[:1]
+            if recorded != [sha256_file(file)]:
+                raise ValueError(f"{what}: {file} does not match {sidecar.name} (truncated or corrupt)")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused it: the file carries more than tensors
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{what}: refusing to load a checkpoint that is not plain tensors and containers: {file} ({first})") from None
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"{what}: cannot read checkpoint {file}: {exc}") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ValueError(f"{what}: {file} holds no 'model' weights")
+    return payload
 
 
 @dataclass
@@ -171,15 +219,4 @@ def load_latest(ckpt_root: Path, rank: int, log: Callable[[str], None] = print) 
 
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     """Model weights from a step folder, a `shared.pt`, or a `final.pt` (for --init-from)."""
-    path = Path(path)
-    if path.is_dir():
-        problem = verify(path, 0)
-        if problem is not None:
-            raise ValueError(f"--init-from: checkpoint {path} is unusable: {problem}")
-        path = path / SHARED_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"--init-from: no checkpoint file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"--init-from: {path} holds no 'model' weights")
-    return state["model"]
+    return read_checkpoint(path, "--init-from")["model"]

@@ -35,6 +35,7 @@ from genpan.train.checkpoint import (
     restore_rng,
     save_checkpoint,
     serialise,
+    write_with_checksum,
 )
 from genpan.train.config import TrainConfig
 from genpan.train.data import BatchStream, mix_seed, resolve_shards, shard_categories, to_device
@@ -380,7 +381,7 @@ class Trainer:
         model_state, _ = self._full_state()
         if self.is_main:
             payload = {"model": model_state, "config": json.dumps(to_dict(self.cfg)), "step": self.step, "categories": self.categories}
-            atomic_write_bytes(self.out / FINAL_NAME, serialise(payload))
+            write_with_checksum(self.out / FINAL_NAME, serialise(payload))
             self.log(f"done: {self.step} steps; weights in {self.out / FINAL_NAME}")
         if self.cfg.run.save_rank_weights and not self.cfg.run.fsdp:  # FSDP ranks hold shards, not weights
             atomic_write_bytes(self.out / f"weights-rank{self.dist.rank}.pt", serialise(self.raw_model.state_dict()))
