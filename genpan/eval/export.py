@@ -3,9 +3,9 @@
     python eval/export.py --checkpoint runs/coco/final.pt --out export/model        # model.pt2 + model.onnx
     python eval/export.py --checkpoint final.pt --out export/model --format onnx --decode 80
 
-The artefact takes `images` (B, 3, H, W) float32 RGB in [0, 1], H and W any multiples of 14 (dynamic, as is B),
-and returns `sem` (B, C, h, w) logits, `inst` (B, 4L, h, w) and, with a depth head, `depth` (B, 1, h, w) in
-[0, 1]; h = 8·H/14. With `--decode G` the uv-grid decode of paper 5.1 runs inside the graph and the outputs
+The artefact takes `images` (B, 3, H, W) float32 RGB in [0, 1], H and W any multiples of the backbone's patch p
+(14 DINOv2, 16 DINOv3; dynamic, as is B), and returns `sem` (B, C, h, w) logits, `inst` (B, 4L, h, w) and, with a
+depth head, `depth` (B, 1, h, w) in [0, 1]; h = 8·H/p. With `--decode G` the uv-grid decode of paper 5.1 runs inside the graph and the outputs
 are `sem_id` (B, h, w) int64 train ids, `inst_cell` (B, h, w) int64 = v_idx·G + u_idx (the grid cell of the
 nearest instance code, G + G argmin) and `depth` (B, h, w). Beside each artefact, `<artefact>.json` holds
 the model config, the category table (train id → category id, isthing) and the output names, which
@@ -13,6 +13,7 @@ the model config, the category table (train id → category id, isthing) and the
 
 The DINOv2 position-table resize is re-expressed as two bicubic interpolation matrices (eval/exported.py), so the
 programs carry no guard on the image size; eval/exported.py explains why the eager module would specialise.
+DINOv3's RoPE tables are computed in the graph from `arange` of the symbolic patch grid, with no branch on it.
 """
 
 from __future__ import annotations
@@ -37,21 +38,22 @@ from genpan.eval.predict import InferenceMeta, load_checkpoint_for_inference, no
 
 FORMATS = ("pt2", "onnx")
 DEFAULT_OPSET = 18
-MAX_GRID = 256  # patches per side the dynamic shapes allow: 3584 px
+MAX_GRID = 256  # patches per side the dynamic shapes allow: 3584 px at patch 14, 4096 px at 16
 
 
-def dynamic_shapes(max_grid: int = MAX_GRID) -> dict[str, dict[int, Any]]:
-    """Batch 1..4096 and H, W = 14·k for k in 2..max_grid."""
+def dynamic_shapes(patch_size: int = 14, max_grid: int = MAX_GRID) -> dict[str, dict[int, Any]]:
+    """Batch 1..4096 and H, W = p·k for k in 2..max_grid."""
     batch = Dim("batch", min=1, max=4096)
     grid_h, grid_w = Dim("grid_h", min=2, max=max_grid), Dim("grid_w", min=2, max=max_grid)
-    return {"images": {0: batch, 2: 14 * grid_h, 3: 14 * grid_w}}
+    return {"images": {0: batch, 2: patch_size * grid_h, 3: patch_size * grid_w}}
 
 
 def example_input(predictor: ExportPredictor, size: tuple[int, int] | None = None) -> torch.Tensor:
     """A batch of 2 (batch 1 would be specialised as a constant) at a non-square, non-native size."""
     cfg = predictor.model.cfg
-    side = cfg.img_size // cfg.patch_size
-    h, w = size or (14 * max(2, side - 1), 14 * (side + 1))
+    p = cfg.patch_size
+    side = cfg.img_size // p
+    h, w = size or (p * max(2, side - 1), p * (side + 1))
     return torch.rand(2, 3, h, w)
 
 
@@ -59,7 +61,7 @@ def export_program(predictor: ExportPredictor, example: torch.Tensor | None = No
     """`torch.export` of the predictor with dynamic batch and image size."""
     example = example_input(predictor) if example is None else example
     with torch.no_grad():
-        return torch.export.export(predictor, (example,), dynamic_shapes=dynamic_shapes())
+        return torch.export.export(predictor, (example,), dynamic_shapes=dynamic_shapes(predictor.patch_size))
 
 
 def export_onnx(predictor: ExportPredictor, path: str | Path, example: torch.Tensor | None = None,
@@ -79,7 +81,7 @@ def export_onnx(predictor: ExportPredictor, path: str | Path, example: torch.Ten
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             predictor, (example,), input_names=["images"], output_names=predictor.output_names,
-            dynamic_shapes=dynamic_shapes(), opset_version=opset, dynamo=True, external_data=False,
+            dynamic_shapes=dynamic_shapes(predictor.patch_size), opset_version=opset, dynamo=True, external_data=False,
         )
         program.save(str(path))
     return path
@@ -90,7 +92,7 @@ def write_artefact_meta(path: Path, meta: InferenceMeta, predictor: ExportPredic
         **meta.to_json(),
         "format": fmt,
         "decode_grid": predictor.decode_grid,
-        "inputs": {"images": "float32 (B, 3, H, W) RGB in [0, 1]; H, W multiples of 14"},
+        "inputs": {"images": f"float32 (B, 3, H, W) RGB in [0, 1]; H, W multiples of {predictor.patch_size}"},
         "outputs": predictor.output_names,
         "train_to_category": meta.train_to_category,
     }

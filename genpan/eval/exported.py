@@ -11,6 +11,7 @@ which reproduces `F.interpolate(mode="bicubic")` (Keys kernel, a = −0.75, clam
 `scale_factor` convention of the plain DINOv2 checkpoints) and its antialiased variant (PIL's
 kernel, a = −0.5, renormalised at the borders, used by the `_reg4` checkpoints), to float32 rounding. The
 native-size shortcut (stored table returned as is) becomes a `torch.where` on tensors, so no guard either.
+DINOv3 needs no replacement: its RoPE sin/cos come from `arange` over the symbolic patch grid.
 Everything is ordinary tensor algebra, so it exports to `torch.export` and to ONNX (opset ≥ 17).
 
 `ExportPredictor(model, decode_grid=G)` optionally appends the uv-grid decode of paper 5.1 (the G + G argmin of
@@ -109,7 +110,7 @@ def _rows_of_eye(like: Tensor, side: int) -> Tensor:
 class ExportPredictor(nn.Module):
     """Tuple-returning, export-friendly wrapper of a `PanopticModel` (a private copy; the original is untouched).
 
-    forward(images (B, 3, H, W) float RGB in [0, 1], H and W multiples of 14) returns
+    forward(images (B, 3, H, W) float RGB in [0, 1], H and W multiples of the patch, `patch_size`) returns
     - decode_grid 0: (sem (B, C, h, w) logits, inst (B, 4L, h, w)[, depth (B, 1, h, w)]);
     - decode_grid G: (sem_id (B, h, w) int64 train ids, inst_cell (B, h, w) int64 = v_idx·G + u_idx
       [, depth (B, h, w)]), the nearest grid code found by two independent argmins over G (paper 5.1).
@@ -119,7 +120,9 @@ class ExportPredictor(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         vit = self.model.backbone
-        vit.interpolate_pos_encoding = partial(exportable_pos_encoding, vit)  # instance attribute: this copy only
+        self.patch_size = int(vit.patch_size)
+        if hasattr(vit, "pos_embed"):  # DINOv2; DINOv3's RoPE already has no size-dependent Python branch
+            vit.interpolate_pos_encoding = partial(exportable_pos_encoding, vit)  # instance attribute: this copy only
         self.has_depth = "depth" in self.model.heads
         self.decode_grid = int(decode_grid)
         if self.decode_grid:

@@ -11,7 +11,8 @@ depth head, and with --save-raw `raw_{name}/*.npz` (eval/sweep.py's format: sem,
 train_to_category) for sweeping post-processing thresholds without rerunning the model.
 
 Modes. `resize` (default): the short side goes to --size (default: the training crop's short side), both sides
-rounded to multiples of 14; post-processing runs at the model's output resolution (8/14 of the input) and
+rounded to multiples of the backbone's patch p (14 DINOv2, 16 DINOv3, from the model config); post-processing
+runs at the model's output resolution (8/p of the input: 8/14, or 1/2 for DINOv3) and
 the id map is resized back to the original image size (nearest), because PQ is scored at GT resolution.
 `slide`: --size × --size windows at stride (1 − --overlap)·size over the image scaled to --slide-short-side.
 Semantic logits and depth are averaged with a tent weight (highest at a window's centre). Instance codes
@@ -56,7 +57,7 @@ from genpan.prep.targets import segment_stats
 from genpan.train.checkpoint import read_checkpoint
 from genpan.train.model import ModelConfig, PanopticModel, build_model
 
-PATCH = 14
+PATCH = 14  # the DINOv2 default; the model config's patch_size is used where a model is known
 BACKENDS = ("torch", "export", "onnx")
 MODES = ("resize", "slide")
 
@@ -242,10 +243,10 @@ def read_rgb(path: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., ::-1])
 
 
-def fit_size(h: int, w: int, short: int) -> tuple[int, int]:
-    """Size with the short side ≈ `short`, the aspect kept, both sides multiples of 14 (at least 14)."""
+def fit_size(h: int, w: int, short: int, patch: int = PATCH) -> tuple[int, int]:
+    """Size with the short side ≈ `short`, the aspect kept, both sides multiples of `patch` (at least one patch)."""
     scale = short / min(h, w)
-    return max(PATCH, round(h * scale / PATCH) * PATCH), max(PATCH, round(w * scale / PATCH) * PATCH)
+    return max(patch, round(h * scale / patch) * patch), max(patch, round(w * scale / patch) * patch)
 
 
 def resize_rgb(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -375,7 +376,7 @@ def open_backend(kind: str, checkpoint: Path | None, artefact: Path | None, devi
 
 # -------------------------------------------------------------------------------------------- sliding window
 def window_starts(length: int, window: int, stride: int) -> list[int]:
-    """Window origins covering [0, length): multiples of 14, the last flush with the end."""
+    """Window origins covering [0, length): multiples of the stride (a multiple of the patch), the last flush with the end."""
     if length <= window:
         return [0]
     starts = list(range(0, length - window, stride)) + [length - window]
@@ -408,13 +409,14 @@ def reencode_in_image(inst: np.ndarray, y0: int, x0: int, out_h: int, out_w: int
     return code.T.reshape(c, sh, sw).astype(np.float32)
 
 
-def predict_sliding(backend: Backend, img: np.ndarray, window: int, overlap: float, batch: int, grid: int) -> dict[str, np.ndarray]:
-    """Stitched outputs at 8/14 of `img` (already sized to multiples of 14); see the module docstring."""
+def predict_sliding(backend: Backend, img: np.ndarray, window: int, overlap: float, batch: int, grid: int,
+                    patch: int = PATCH) -> dict[str, np.ndarray]:
+    """Stitched outputs at 8/p of `img` (already sized to multiples of the patch p); see the module docstring."""
     H, W = img.shape[:2]
     wh, ww = min(window, H), min(window, W)
-    stride = max(PATCH, int(round(window * (1.0 - overlap) / PATCH)) * PATCH)
+    stride = max(patch, int(round(window * (1.0 - overlap) / patch)) * patch)
     boxes = [(y, x) for y in window_starts(H, wh, stride) for x in window_starts(W, ww, stride)]
-    oh, ow, sh, sw = H * 8 // PATCH, W * 8 // PATCH, wh * 8 // PATCH, ww * 8 // PATCH
+    oh, ow, sh, sw = H * 8 // patch, W * 8 // patch, wh * 8 // patch, ww * 8 // patch
     weight = tent(sh)[:, None] * tent(sw)[None, :]
     acc: dict[str, np.ndarray] = {}
     total = np.zeros((oh, ow), np.float32)
@@ -423,7 +425,7 @@ def predict_sliding(backend: Backend, img: np.ndarray, window: int, overlap: flo
         chunk = boxes[start : start + batch]
         out = backend(to_batch([img[y : y + wh, x : x + ww] for y, x in chunk]))
         for k, (y, x) in enumerate(chunk):
-            oy, ox = y * 8 // PATCH, x * 8 // PATCH
+            oy, ox = y * 8 // patch, x * 8 // patch
             region = (slice(oy, oy + sh), slice(ox, ox + sw))
             for name in ("sem", "depth"):
                 if name in out:
@@ -486,8 +488,9 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     if s.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {s.mode!r}")
     size = s.size or meta.input_size
-    if size % PATCH and s.mode == "slide":
-        raise ValueError(f"--size must be a multiple of {PATCH} for sliding windows, got {size}")
+    patch = meta.model.patch_size
+    if size % patch and s.mode == "slide":
+        raise ValueError(f"--size must be a multiple of {patch} for sliding windows, got {size}")
     pan_dir, depth_dir, raw_dir = (s.out / f"{kind}_{s.name}" for kind in ("panoptic", "depth", "raw"))
     pan_dir.mkdir(parents=True, exist_ok=True)
     t2c, things = meta.train_to_category, meta.thing_train_ids
@@ -515,9 +518,9 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
         img = read_rgb(item.path)
         orig = img.shape[:2]
         if s.mode == "resize":
-            return resize_rgb(img, fit_size(*orig, size)), orig
+            return resize_rgb(img, fit_size(*orig, size, patch)), orig
         short = s.slide_short_side or min(orig)
-        return resize_rgb(img, fit_size(*orig, short)), orig
+        return resize_rgb(img, fit_size(*orig, short, patch)), orig
 
     pending: dict[tuple[int, int], list[tuple[int, Item, tuple[int, int], np.ndarray]]] = {}
 
@@ -532,7 +535,7 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
         bar = tqdm(zip(source.items, loaded), total=len(source.items), desc="predict", unit="img", disable=not s.progress)
         for index, (item, (img, orig)) in enumerate(bar):
             if s.mode == "slide":
-                finish(index, item, orig, predict_sliding(backend, img, size, s.overlap, s.batch_size, s.postprocess.grid_size))
+                finish(index, item, orig, predict_sliding(backend, img, size, s.overlap, s.batch_size, s.postprocess.grid_size, patch))
                 continue
             pending.setdefault(img.shape[:2], []).append((index, item, orig, img))
             if len(pending[img.shape[:2]]) >= s.batch_size:
@@ -582,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("inference")
     run.add_argument("--mode", choices=MODES, default="resize", help="resize (default) or slide (sliding windows)")
     run.add_argument("--size", type=int, default=0,
-                     help="resize: short side in px, rounded to 14; slide: window side (multiple of 14); default: training crop")
+                     help="resize: short side in px, rounded to the patch (14, DINOv3 16); slide: window side (a multiple of it); default: training crop")
     run.add_argument("--slide-short-side", type=int, default=0, help="slide: image short side before windowing (default: original)")
     run.add_argument("--overlap", type=float, default=1 / 3, help="slide: window overlap fraction in [0, 1) (default 1/3)")
     run.add_argument("--batch-size", type=int, default=4, help="images (or windows) per forward pass (default 4)")

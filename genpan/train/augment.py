@@ -9,7 +9,7 @@ For output pixel column j (edge coordinates, j + 0.5 at its centre) of an output
     scaled x  = j + 0.5 + offset_x               (offset: the crop window's left edge in the scaled image)
     source x  = scaled x / f                     (f = total resize factor, source → output)
     flipped   = w_img − source x
-The label maps are sampled directly at the loss resolution h = 8·H/14 with the same map (pixel j of the
+The label maps are sampled directly at the loss resolution h = 8·H/p (p the backbone's patch) with the same map (pixel j of the
 loss grid sits at output edge coordinate (j + 0.5)·W/w), so no second resize is needed.
 
 A crop does not change a boundary distance; a resize by f scales it by f, and the loss grid by w/W
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from genpan.labels import DIST_SCALE, IGNORE
 
-LOSS_STRIDE_NUM, LOSS_STRIDE_DEN = 8, 14  # the model's output is 8·H/14 (paper 5.1)
+LOSS_STRIDE_NUM = 8  # the model's output is 8·H/p: 8·H/14 for DINOv2 (paper 5.1), H/2 for DINOv3 (p = 16)
+DEFAULT_PATCH = 14
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class AugmentParams:
     flip: Tensor
 
 
-def loss_size(height: int, width: int) -> tuple[int, int]:
-    return height * LOSS_STRIDE_NUM // LOSS_STRIDE_DEN, width * LOSS_STRIDE_NUM // LOSS_STRIDE_DEN
+def loss_size(height: int, width: int, patch_size: int = DEFAULT_PATCH) -> tuple[int, int]:
+    return height * LOSS_STRIDE_NUM // patch_size, width * LOSS_STRIDE_NUM // patch_size
 
 
 def draw_params(
@@ -145,19 +146,20 @@ def augment_batch(
     params: AugmentParams,
     pad_value: tuple[float, float, float],
     pad_dist: float,
+    patch_size: int = DEFAULT_PATCH,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Apply `params` to a collated batch already on the training device.
 
     batch: image (B, 3, Hc, Wc) uint8, sem (B, Hc, Wc) uint8, ins (B, Hc, Wc) int16, dist (B, Hc, Wc) int16
     (dist.png units), size (B, 2) long, crowd (B, K) bool (crowd flag per instance index, 0 = none),
     optional depth / disp (B, Hc, Wc) float with depth_valid (B, Hc, Wc) bool.
-    Returns the images (B, 3, H, W) float in [0, 1] and the loss targets at h = 8·H/14 (train/losses.py names).
+    Returns the images (B, 3, H, W) float in [0, 1] and the loss targets at h = 8·H/p (train/losses.py names).
     """
     device = batch["image"].device
     canvas_hw = tuple(batch["image"].shape[-2:])
     sizes = batch["size"].cpu()
     out_h, out_w = out_hw
-    h, w = loss_size(out_h, out_w)
+    h, w = loss_size(out_h, out_w, patch_size)
 
     img_grid = sampling_grid(params, sizes, canvas_hw, out_hw, out_hw).to(device)
     image = batch["image"].float() / 255.0
@@ -217,8 +219,10 @@ class DeviceAugmenter:
         pad_value: tuple[float, float, float],
         pad_dist: float,
         train: bool = True,
+        patch_size: int = DEFAULT_PATCH,
     ) -> None:
         self.out_hw, self.scale_range, self.flip_prob = out_hw, scale_range, flip_prob
+        self.patch_size = patch_size
         self.pad_value, self.pad_dist, self.train = pad_value, pad_dist, train
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -228,7 +232,7 @@ class DeviceAugmenter:
             params = draw_params(sizes, self.out_hw, self.scale_range, self.flip_prob, self.generator)
         else:
             params = identity_params(sizes)
-        return augment_batch(batch, self.out_hw, params, self.pad_value, self.pad_dist)
+        return augment_batch(batch, self.out_hw, params, self.pad_value, self.pad_dist, self.patch_size)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"generator": self.generator.get_state()}

@@ -124,6 +124,9 @@ class TrainConfig:
                 raise ValueError(f"loss.depth_loss = {self.loss.depth_loss!r} needs data.depth = {wanted!r}, got {self.data.depth!r}")
         if self.model.img_size % self.model.patch_size:
             raise ValueError("model.img_size must be a multiple of model.patch_size")
+        patch = self.model.patch_size
+        if any(s % patch for s in self.data.size):
+            raise ValueError(f"data.size must be multiples of the backbone's patch {patch}, got {self.data.size}")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

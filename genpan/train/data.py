@@ -63,7 +63,8 @@ class DataConfig:
 
     shards: a directory of `*.tar` shards or a brace pattern ("/data/coco-{000000..000099}.tar").
     micro_batch: images per rank per micro-step (the effective batch is set in [optim]).
-    size: [H, W] of the augmented training images, multiples of 14 (the loss grid is 8·H/14).
+    size: [H, W] of the augmented training images, multiples of the backbone's patch p (checked by TrainConfig;
+    the loss grid is 8·H/p).
     scale_min / scale_max: the random scale on top of the factor that makes the image cover H×W.
     epoch_size: samples in one epoch; 0 = from manifest.parquet beside the shards, else counted in the tars.
     depth: "none", "disp" (disp.png, affine-invariant loss) or "depth" (depth.png metres, SILog).
@@ -85,8 +86,8 @@ class DataConfig:
     pad_dist: float = 1000.0
 
     def __post_init__(self) -> None:
-        if len(self.size) != 2 or any(s <= 0 or s % 14 for s in self.size):
-            raise ValueError(f"data.size must be [H, W], positive multiples of 14, got {self.size}")
+        if len(self.size) != 2 or any(s <= 0 for s in self.size):
+            raise ValueError(f"data.size must be [H, W], positive, got {self.size}")
         if self.micro_batch < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.micro_batch and data.shuffle_buffer must be >= 1, data.num_workers >= 0")
         if not 0 < self.scale_min <= self.scale_max:

@@ -219,6 +219,7 @@ class Trainer:
             seed=mix_seed(run.seed, self.dist.rank, 7),
             pad_value=tuple(cfg.model.pixel_mean),
             pad_dist=cfg.data.pad_dist,
+            patch_size=cfg.model.patch_size,
         )
         seed_everything(run.seed + 1000 * self.dist.rank)  # per-rank dropout / drop-path streams
         self.step = 0

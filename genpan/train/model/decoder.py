@@ -1,4 +1,10 @@
-"""Shared shallow decoder (paper 3.1, 5.1): patch features (B, 4e, H/14, W/14) → pixel embedding (B, d, 8H/14, 8W/14).
+"""Shared shallow decoder (paper 3.1, 5.1): patch features (B, 4e, H/p, W/p) → pixel embedding (B, d, 8H/p, 8W/p).
+
+p is the backbone's patch: 14 for DINOv2 (output 8·H/14, paper 5.1), 16 for DINOv3 (output 8·H/16 = H/2).
+For DINOv3 the same three ×2 stages are kept rather than matched to 8/14 of the input: a ratio of 4/7 from
+a 1/16 grid would need a fractional resize, and each patch still expands to 8 × 8 output pixels, so the decoder
+and heads see the same work per token and its weights keep their meaning. At the recipes' sizes (1024 px for
+1008) the DINOv3 output is 512 px against DINOv2's 576: about 11 % coarser per side.
 
 Three stride-2 transposed convolutions (each ×2) and one 3×3 convolution, with GroupNorm + GELU after each
 transposed convolution. The paper names neither norm nor activation; GroupNorm is chosen because it does not

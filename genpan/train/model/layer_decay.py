@@ -1,7 +1,7 @@
 """AdamW parameter groups with layer-wise learning-rate decay over the ViT blocks (BEiT/MAE convention).
 
 With depth D and decay r, a parameter at layer id ℓ gets lr · r^(D + 1 − ℓ), where
-ℓ = 0 for the embeddings (patch_embed, cls/register/mask tokens, pos_embed), ℓ = i + 1 for block i (0-based),
+ℓ = 0 for the embeddings (patch_embed, cls/register (DINOv3: storage)/mask tokens, pos_embed), ℓ = i + 1 for block i (0-based),
 ℓ = D + 1 for the backbone's final norm, the decoder and the heads (full lr).
 Paper 5.1: the backbone is fine-tuned, "layer decay to suppress the learning rate for the earlier layers"
 (0.6 in the authors' follow-up recipe).
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens", "mask_token")
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token")
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "register_tokens", "storage_tokens", "mask_token")
 
 
 def backbone_layer_id(name: str, depth: int) -> int:

@@ -1,4 +1,5 @@
-"""Strict loading of the official DINOv2 checkpoints (`dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`) by key."""
+"""Strict loading by key of the official DINOv2 checkpoints (`dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`) and of
+any state dict (DINOv3: `train/model/dinov3.py`)."""
 
 from __future__ import annotations
 
@@ -43,10 +44,14 @@ def load_dinov2_checkpoint(model: nn.Module, path: str | Path) -> None:
 
     Raises FileNotFoundError for a missing file and ValueError listing all mismatches (nothing is copied then).
     """
-    state = read_state_dict(path)
+    load_state_dict_strictly(model, read_state_dict(path), str(path))
+
+
+def load_state_dict_strictly(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Copy `state` into `model` only if it fits exactly; else ValueError naming `source` and every mismatch."""
     problems = state_dict_mismatches(model, state)
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit the model: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         own = model.state_dict()
         for key, tensor in state.items():
