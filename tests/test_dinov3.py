@@ -313,3 +313,13 @@ def test_tiny_dinov3_trains_a_few_steps(tmp_path):
     trainer.fit()
     metrics = read_metrics(tmp_path / "run" / METRICS_NAME)
     assert len(metrics) == 3 and all(np.isfinite(r["loss_total"]) for r in metrics)
+
+
+@pytest.mark.parametrize("name", ["dinov3_stage1", "dinov3_stage2", "dinov3_stage3", "dinov3_cityscapes"])
+def test_recipe_configs_load(name):
+    from genpan.train.config import load_train_config
+
+    cfg = load_train_config(f"train/configs/{name}.toml")
+    assert cfg.model.backbone == "dinov3_vitl16" and cfg.model.patch_size == 16
+    assert cfg.model.tapped_layers == [5, 12, 18, 24]
+    assert all(s % 16 == 0 for s in cfg.data.size)
