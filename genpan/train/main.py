@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="start from another run's model weights (final.pt or a checkpoints/step-N folder); "
                         "optimizer and schedule start fresh")
     parser.add_argument("--backbone-weights", type=Path, default=None,
-                        help="official DINOv2 checkpoint (dinov2_vit*14[_reg4]_pretrain.pth) loaded into the encoder")
+                        help="official backbone weights loaded into the encoder: DINOv2 dinov2_vit*14[_reg4]_pretrain.pth; "
+                             "DINOv3 (model.backbone = dinov3_*) dinov3_vit*16*_pretrain_*.pth or a Hugging Face model directory")
     return parse_args_with_overrides(parser, argv)
 
 
