@@ -1,4 +1,4 @@
-"""Inference speed: eager PyTorch vs the `torch.export` program vs onnxruntime, images/s (issue 10).
+"""Inference speed: eager PyTorch vs the `torch.export` program vs onnxruntime, images/s.
 
 CPU: the tiny CPU config and ViT-S (decoder 256, 133 classes) at 224² and 448², batch 1, random weights.
 With CUDA: ViT-L at 644² in bf16, eager vs the exported program (onnxruntime here is the CPU build).

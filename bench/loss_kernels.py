@@ -1,4 +1,4 @@
-"""Fused Triton loss kernels against eager PyTorch and torch.compile of the reference (issue 6).
+"""Fused Triton loss kernels against eager PyTorch and torch.compile of the reference.
 
 For each case (instance PE+TV at the stage-1 shape 1024×16×160² and the stage-3 shape 16×16×576²;
 semantic CE+TV at 16×133×576²) it measures forward+backward time (median of CUDA-event timings),

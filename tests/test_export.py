@@ -1,4 +1,4 @@
-"""Export (issue 10): the matrix form of the bicubic pos-embed resize against F.interpolate, and parity of the
+"""Export: the matrix form of the bicubic pos-embed resize against F.interpolate, and parity of the
 `torch.export` program and the ONNX model with the eager model at two image sizes, on a small random ViT."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Inference (issue 7 part 3): sizes, sliding-window stitching of instance codes, id-map resizing, checkpoint
+"""Inference: sizes, sliding-window stitching of instance codes, id-map resizing, checkpoint
 loading, and the CLI end to end on a folder and with clear errors."""
 
 from __future__ import annotations
