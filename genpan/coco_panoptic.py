@@ -7,14 +7,11 @@ the packing is written, so readers, the synthetic generator, post-processing and
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-
-from genpan.png import PNGError, decode_png_any_order, rgb_runs_fast
 
 VOID_ID = 0
 MAX_SEGMENT_ID = 256**3 - 1
@@ -38,37 +35,26 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
 
 
 def decode_panoptic_png(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """PNG bytes → (H, W) int32 segment ids. Raises ValueError naming `name` on a bad file."""
-    try:
-        img, bgr = decode_png_any_order(data)  # the fast path for OpenCV-written files gives RGB
-    except PNGError:
-        raise ValueError(f"{name}: not a decodable PNG") from None
+    """PNG bytes → (H, W) int32 segment ids, decoded by OpenCV. Raises ValueError naming `name` on a bad file.
+
+    Any 8-bit PNG with 3 or 4 channels reads (an alpha channel is ignored, as panopticapi's
+    `np.array(Image.open(...))` + `rgb2id` does); grey or 16-bit files are refused.
+    """
+    buf = np.frombuffer(data, np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    if img is None:
+        raise ValueError(f"{name}: not a decodable PNG")
     if img.dtype != np.uint8:
         raise ValueError(f"{name}: panoptic PNG must be 8-bit RGB, got {img.dtype}")
     if img.ndim != 3 or img.shape[2] < 3:
         raise ValueError(f"{name}: panoptic PNG must have 3 colour channels, got shape {img.shape}")
-    red, blue = (2, 0) if bgr else (0, 2)
-    ids = img[..., blue].astype(np.int32)  # id = R + 256·G + 256²·B, built in place (fewest passes over the map)
+    # OpenCV gives BGR(A): id = R + 256·G + 256²·B, built in place (fewest passes over the map)
+    ids = img[..., 0].astype(np.int32)
     ids <<= 8
     ids |= img[..., 1]
     ids <<= 8
-    ids |= img[..., red]
+    ids |= img[..., 2]
     return ids
-
-
-@dataclass(frozen=True)
-class PanopticRuns:
-    """A panoptic id map as horizontal runs: `starts` are ascending flat pixel indices (every row's first
-    pixel among them), `ids` the segment id of each run; a run ends where the next one starts."""
-
-    shape: tuple[int, int]
-    starts: np.ndarray
-    ids: np.ndarray
-
-    @classmethod
-    def of_map(cls, ids: np.ndarray) -> PanopticRuns:
-        starts = row_run_starts(ids)
-        return cls(ids.shape, starts, ids.ravel()[starts])
 
 
 def row_run_starts(*maps: np.ndarray) -> np.ndarray:
@@ -81,19 +67,6 @@ def row_run_starts(*maps: np.ndarray) -> np.ndarray:
     for other in maps[1:]:
         changed[:, 1:] |= other[:, 1:] != other[:, :-1]
     return np.flatnonzero(changed)
-
-
-def decode_panoptic_runs(data: bytes, name: str = "<bytes>") -> PanopticRuns:
-    """PNG bytes → PanopticRuns, without building the pixel map when OpenCV wrote the file (genpan/png.py)."""
-    fast = rgb_runs_fast(data)
-    if fast is not None:
-        return PanopticRuns(*fast)
-    return PanopticRuns.of_map(decode_panoptic_png(data, name))
-
-
-def read_panoptic_runs(path: str | Path) -> PanopticRuns:
-    path = Path(path)
-    return decode_panoptic_runs(path.read_bytes(), str(path))
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:

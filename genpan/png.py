@@ -1,4 +1,4 @@
-"""PNG codec for the hot paths: the loader's label maps, prep's output PNGs, PQ's panoptic PNGs.
+"""PNG codec for the shards' label maps: prep's output PNGs and the loader's decode.
 
 libpng spends most of a label map's decode in zlib's inflate, which is slow on the long runs these
 files are made of. `decode_png` parses the chunks itself, inflates with zlib-ng (≈10× faster than zlib
@@ -17,9 +17,7 @@ Palette, gray+alpha, interlaced and < 8-bit files go to OpenCV as they are. Ever
 libpng gives.
 
 `decode_png` returns PNG channel order (gray, RGB, RGBA; gray+alpha comes out as RGBA, as OpenCV
-expands it), uint8 or native-endian uint16. `rgb_runs_fast` reads an OpenCV-written RGB file as
-horizontal runs without building the pixel map, `rgb_run_pair_fast` two such files at once (the runs on
-which both are constant: eval/pq.py's GT and prediction).
+expands it), uint8 or native-endian uint16.
 """
 
 from __future__ import annotations
@@ -237,110 +235,7 @@ def decode_png_view(data: bytes | memoryview) -> np.ndarray:
     return _png_order(*_decode_sequential_filters(buffer, inflated)) if view is None else view
 
 
-def _sub_rgb_rows(data: bytes | memoryview) -> tuple[np.ndarray, int, int] | None:
-    """(inflated rows (H, 1 + 3W), W, H) of an 8-bit RGB PNG whose rows are all Sub-filtered (OpenCV's
-    files); None for any other PNG."""
-    inflated = _inflate_rows(memoryview(data).cast("B"))
-    if inflated is None:
-        return None
-    rows, width, height, channels, depth = inflated
-    if channels != 3 or depth != 8:
-        return None
-    filters = rows[:, 0]
-    # one pixel per row: None and Sub store the same bytes (and libpng writes None there)
-    if not ((filters == SUB).all() or (width == 1 and (filters <= SUB).all())):
-        return None
-    return rows, width, height
-
-
-def rgb_runs_fast(data: bytes | memoryview) -> tuple[tuple[int, int], np.ndarray, np.ndarray] | None:
-    """Horizontal runs of an 8-bit RGB PNG whose rows are all Sub-filtered (OpenCV's files), read
-    without reconstructing the pixels: ((H, W), run starts as flat pixel indices, R + 256·G + 256²·B of
-    each run); None for any other PNG (use `decode_png`). See `_sub_runs` for how."""
-    sub = _sub_rgb_rows(data)
-    if sub is None:
-        return None
-    rows, width, height = sub
-    starts, (ids,) = _sub_runs((rows,), width, height)
-    return (height, width), starts, ids
-
-
-def rgb_run_pair_fast(
-    first: bytes | memoryview, second: bytes | memoryview
-) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray] | None:
-    """The runs on which two equally sized OpenCV-written RGB PNGs are both constant, read together:
-    ((H, W), starts, ids in `first`, ids in `second`), as `rgb_runs_fast` gives for one file; None
-    when either file is not all Sub-filtered 8-bit RGB or the sizes differ."""
-    a = _sub_rgb_rows(first)
-    b = _sub_rgb_rows(second) if a is not None else None
-    if a is None or b is None or a[1:] != b[1:]:
-        return None
-    width, height = a[1], a[2]
-    starts, (ids_a, ids_b) = _sub_runs((a[0], b[0]), width, height)
-    return (height, width), starts, ids_a, ids_b
-
-
 _RGB_BYTES = np.arange(3)
-
-
-def _sub_runs(maps: tuple[np.ndarray, ...], width: int, height: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(run starts, each map's id per run) of the runs on which all of the equally shaped Sub-filtered
-    RGB row arrays `maps` are constant.
-
-    A Sub-filtered pixel stores its difference to the left neighbour, so it is all-zero exactly inside a
-    run: the run starts are the pixels with a non-zero byte (each row's first too), and a run's value is
-    the running sum (mod 256 per byte) of the differences at the starts of its row.
-    """
-    flat = [m.reshape(-1) for m in maps]
-    starts = _changed_pixels(flat, width) if width > 1 else np.arange(height, dtype=np.int64)
-    row_of = starts // width
-    first_byte = starts * 3 + row_of + 1  # pixel k of row r begins at byte r·(1 + 3W) + 1 + 3(k − rW)
-    gather = (first_byte[:, None] + _RGB_BYTES).ravel()
-    # one 4-byte word per map and run: three differences and a zero byte, so the sums read as uint32 ids
-    steps = np.zeros((starts.size, len(flat), 4), np.uint8)
-    for k, f in enumerate(flat):
-        steps[:, k, :3] = f[gather].reshape(-1, 3)
-    steps = steps.reshape(starts.size, -1)
-    if height > 1:
-        # subtract from each row's first difference the previous row's total, so that one running sum
-        # over all runs restarts at every row
-        row_first = np.searchsorted(starts, np.arange(1, height) * width)
-        row_sums = np.add.reduceat(steps, np.concatenate([[0], row_first]), axis=0, dtype=np.uint8)
-        steps[row_first] -= row_sums[:-1]
-    np.cumsum(steps, axis=0, dtype=np.uint8, out=steps)
-    ids = steps.view("<u4")
-    return starts, [ids[:, k] for k in range(len(flat))]
-
-
-def _changed_pixels(flat: list[np.ndarray], width: int) -> np.ndarray:
-    """Flat indices of the pixels with a non-zero byte in any of the Sub-filtered row buffers `flat`
-    (filter bytes count for their row's first pixel, so every row starts a run)."""
-    size = flat[0].size
-    whole = size - size % 8
-    # eight bytes at a time first: run boundaries are a few thousand bytes in a few hundred thousand
-    nonzero = flat[0][:whole].view(np.uint64) != 0
-    for f in flat[1:]:
-        nonzero |= f[:whole].view(np.uint64) != 0
-    words = np.flatnonzero(nonzero)
-    merged = flat[0][:whole].view(np.uint64)[words]
-    for f in flat[1:]:
-        merged |= f[:whole].view(np.uint64)[words]
-    in_word = np.flatnonzero(merged.view(np.uint8) != 0)  # numpy's nonzero is fast on bool only
-    pos = (words[in_word >> 3] << 3) | (in_word & 7)
-    if whole < size:  # the last few bytes
-        tail = flat[0][whole:].copy()
-        for f in flat[1:]:
-            tail |= f[whole:]
-        pos = np.concatenate([pos, np.flatnonzero(tail) + whole])
-    # byte → pixel: byte b of row r is pixel (b − r − 1) // 3, the row's filter byte its first pixel
-    row = pos // (3 * width + 1)
-    pix = pos - row - 1
-    np.maximum(pix, row * (3 * width), out=pix)
-    pix //= 3
-    keep = np.empty(pix.size, bool)
-    keep[0] = True
-    np.not_equal(pix[1:], pix[:-1], out=keep[1:])
-    return pix[keep]
 
 
 def _unfilter(pixels: np.ndarray, filters: np.ndarray) -> np.ndarray:

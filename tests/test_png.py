@@ -119,64 +119,6 @@ def test_bad_bytes_raise_png_error() -> None:
         decode_png(bytes(corrupt))
 
 
-def test_rgb_runs_of_opencv_files_match_the_decoded_map() -> None:
-    from genpan.coco_panoptic import PanopticRuns, decode_panoptic_png
-    from genpan.png import rgb_runs_fast
-
-    rng = np.random.default_rng(6)
-    for h, w in [(1, 1), (1, 30), (30, 1), (17, 23), (64, 80)]:
-        rgb = label_like(rng, (h, w, 3), np.uint8)
-        rgb[rng.random((h, w)) < 0.05] = 0  # void pixels and runs of zero differences
-        data = cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()  # OpenCV: every row Sub-filtered
-        shape, starts, ids = rgb_runs_fast(data)
-        expected = PanopticRuns.of_map(decode_panoptic_png(data))
-        assert shape == (h, w)
-        np.testing.assert_array_equal(starts, expected.starts)
-        np.testing.assert_array_equal(ids, expected.ids)
-    gray = cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()
-    paeth = cv2.imencode(".png", rgb, [cv2.IMWRITE_PNG_FILTER, FILTERS["paeth"]])[1].tobytes()
-    assert rgb_runs_fast(gray) is None and rgb_runs_fast(paeth) is None
-
-
-def test_rgb_run_pairs_match_the_runs_of_both_decoded_maps() -> None:
-    """rgb_run_pair_fast against the runs of the two maps libpng decodes: sizes whose buffers end on and
-    off an 8-byte word, one-pixel images, rows ending in the colour the next row starts with, void
-    (all-zero) pixels at row starts, ids with every byte used."""
-    from genpan.coco_panoptic import decode_panoptic_png, row_run_starts
-    from genpan.png import rgb_run_pair_fast
-
-    rng = np.random.default_rng(9)
-    shapes = [(1, 1), (1, 2), (2, 1), (1, 30), (30, 1), (3, 5), (8, 7), (17, 23), (64, 80), (5, 255)]
-    for h, w in shapes:
-        a = label_like(rng, (h, w, 3), np.uint8)
-        b = a.copy()
-        b[rng.random((h, w)) < 0.1] = rng.integers(0, 256, 3, dtype=np.uint8)  # the other map differs here and there
-        a[rng.random((h, w)) < 0.05] = 0
-        b[:, 0] = 0  # every row of the second map starts on void: its first bytes are zero
-        a[1:, 0] = a[:-1, -1]  # a row starts with the colour the row above ends with: still a new run
-        data_a, data_b = (cv2.imencode(".png", m[..., ::-1])[1].tobytes() for m in (a, b))
-        shape, starts, ids_a, ids_b = rgb_run_pair_fast(data_a, data_b)
-        map_a, map_b = decode_panoptic_png(data_a), decode_panoptic_png(data_b)
-        expected = row_run_starts(map_a, map_b)
-        assert shape == (h, w)
-        np.testing.assert_array_equal(starts, expected)
-        np.testing.assert_array_equal(ids_a, map_a.ravel()[expected])
-        np.testing.assert_array_equal(ids_b, map_b.ravel()[expected])
-        if h * w > 1:
-            high = np.full((h, w, 3), 255, np.uint8)  # id 256³ − 1 everywhere but one pixel
-            high[-1, -1] = (1, 128, 255)
-            data_h = cv2.imencode(".png", high[..., ::-1])[1].tobytes()
-            shape, starts, ids_h, ids_a2 = rgb_run_pair_fast(data_h, data_a)
-            map_h = decode_panoptic_png(data_h)
-            np.testing.assert_array_equal(starts, row_run_starts(map_h, map_a))
-            np.testing.assert_array_equal(ids_h, map_h.ravel()[starts])
-    other = cv2.imencode(".png", np.zeros((4, 5, 3), np.uint8))[1].tobytes()
-    paeth = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8), [cv2.IMWRITE_PNG_FILTER, FILTERS["paeth"]])[1].tobytes()
-    square = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
-    assert rgb_run_pair_fast(square, other) is None  # sizes differ
-    assert rgb_run_pair_fast(square, paeth) is None and rgb_run_pair_fast(paeth, square) is None
-
-
 def test_gray_alpha_and_palette_come_out_as_opencv_gives_them() -> None:
     rng = np.random.default_rng(7)
     gray = label_like(rng, (9, 11), np.uint8)

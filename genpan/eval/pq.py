@@ -21,8 +21,9 @@ disagreements); the GT PNG/JSON pair is checked as strictly as the prediction's;
 duplicate segment ids, duplicate image ids and size mismatches are errors; a kind with no counted
 category reports PQ = SQ = RQ = 0 with n = 0 (the reference divides by zero).
 
-Speed: one pass over the pixels per image (see `eval/pq_match.py`), images in a multiprocessing pool
-in chunks, results in input order so the sums do not depend on `workers`.
+Per image: both PNGs decoded by OpenCV into id maps, one bincount over the combined (GT, prediction)
+index gives the intersection matrix (`genpan/eval/pq_match.py`); images in a multiprocessing pool in
+chunks, results in input order so the sums do not depend on `workers`.
 
     python eval/pq.py --gt-json gt.json --gt-dir gt/ --pred-json pred.json --pred-dir pred/ --out report/
 """
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from genpan.coco_panoptic import decode_panoptic_runs, load_panoptic_json
+from genpan.coco_panoptic import decode_panoptic_png, load_panoptic_json
 from genpan.eval.pq_buckets import COCO_EDGES, SizeBucket, check_edges, pq_by_size, quantile_edges
 from genpan.eval.pq_match import (
     SEGMENT_DTYPE,
@@ -50,10 +51,7 @@ from genpan.eval.pq_match import (
     average_scores,
     category_scores,
     pq_image,
-    pq_image_merged_runs,
-    pq_image_runs,
 )
-from genpan.png import rgb_run_pair_fast
 
 __all__ = [
     "PQInputError",
@@ -62,7 +60,6 @@ __all__ = [
     "ImageStats",
     "pq_compute",
     "pq_image",
-    "pq_image_runs",
     "pq_by_size",
     "quantile_edges",
     "format_summary_table",
@@ -168,21 +165,15 @@ def _read(path: str) -> bytes:
 def _score_task(task: _ImageTask) -> ImageStats:
     assert _worker_categories is not None
     try:
-        gt_png, pred_png = _read(task.gt_png), _read(task.pred_png)
-        pair = rgb_run_pair_fast(gt_png, pred_png)  # both OpenCV-written: runs of both read in one pass
-        if pair is not None:
-            shape, starts, gt_ids, pred_ids = pair
-            lengths = np.diff(starts, append=shape[0] * shape[1])
-            return pq_image_merged_runs(gt_ids, pred_ids, lengths, task.gt_segments, task.pred_segments, _worker_categories, task.name)
-        gt_runs = decode_panoptic_runs(gt_png, task.gt_png)
-        pred_runs = decode_panoptic_runs(pred_png, task.pred_png)
+        gt_ids = decode_panoptic_png(_read(task.gt_png), task.gt_png)
+        pred_ids = decode_panoptic_png(_read(task.pred_png), task.pred_png)
     except FileNotFoundError as exc:
         raise PQInputError(f"{task.name}: PNG not found: {exc.filename}") from None
     except OSError as exc:
         raise PQInputError(f"{task.name}: cannot read {exc.filename}: {exc.strerror}") from None
     except ValueError as exc:
         raise PQInputError(str(exc)) from None
-    return pq_image_runs(gt_runs, task.gt_segments, pred_runs, task.pred_segments, _worker_categories, task.name)
+    return pq_image(gt_ids, task.gt_segments, pred_ids, task.pred_segments, _worker_categories, task.name)
 
 
 def _annotations(data: Mapping[str, Any], path: Path) -> dict[Any, dict[str, Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID, PanopticRuns, row_run_starts
+from genpan.coco_panoptic import MAX_SEGMENT_ID, VOID_ID
 
 # Segment record kinds. TP and FN rows carry the GT area, FP rows the predicted area (pq_by_size).
 TP, FN, FP = 0, 1, 2
@@ -30,11 +30,6 @@ SEGMENT_DTYPE = np.dtype(
         ("iou", np.float64),  # 0 unless TP
     ]
 )
-# Above this many (GT × prediction) index pairs a dense bincount costs more than sorting the pixels.
-_DENSE_PAIR_LIMIT = 1 << 22
-# Up to this many (GT × prediction) index pairs the matching works on the full intersection matrix: a
-# few dozen numpy calls on a small table cost less than the sparse pair bookkeeping.
-_DENSE_MATCH_LIMIT = 1 << 14
 
 
 class PQInputError(ValueError):
@@ -157,26 +152,6 @@ def _compact(ids: np.ndarray, seg_ids: np.ndarray, where: str) -> np.ndarray:
     return compact
 
 
-def _pair_counts(g: np.ndarray, p: np.ndarray, lengths: np.ndarray, n_g: int, n_p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Non-empty (GT index, pred index, pixel count) triples from runs of constant (GT, pred) index."""
-    if n_g * n_p <= _DENSE_PAIR_LIMIT:
-        counts = np.bincount(g * n_p + p, weights=lengths, minlength=n_g * n_p)
-        nonzero = np.flatnonzero(counts)
-        return nonzero // n_p, nonzero % n_p, counts[nonzero].astype(np.int64)
-    codes, inverse = np.unique(g.astype(np.int64) * n_p + p, return_inverse=True)
-    counts = np.bincount(inverse, weights=lengths).astype(np.int64)
-    return codes // n_p, codes % n_p, counts
-
-
-def _merged_runs(gt: PanopticRuns, pred: PanopticRuns) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(GT id, pred id, length) of the runs on which both maps are constant."""
-    both = np.sort(np.concatenate([gt.starts, pred.starts]))  # two sorted lists of a few thousand runs
-    starts = both[np.concatenate([[True], both[1:] != both[:-1]])]
-    g = gt.ids[np.searchsorted(gt.starts, starts, side="right") - 1]
-    p = pred.ids[np.searchsorted(pred.starts, starts, side="right") - 1]
-    return g, p, np.diff(starts, append=gt.shape[0] * gt.shape[1])
-
-
 def pq_image(
     gt_ids: np.ndarray,
     gt_segments: Sequence[Mapping[str, Any]],
@@ -189,8 +164,9 @@ def pq_image(
 
     `gt_ids` / `pred_ids`: (H, W) integer segment-id maps, 0 = void; `*_segments`: the COCO
     `segments_info` lists (dicts with id, category_id, optional iscrowd and area). `name` prefixes every
-    error message; `categories` is a CategoryTable or the COCO category list. Raises PQInputError for a PNG id missing from the JSON, a JSON segment missing from
-    the PNG, an unknown category, duplicate ids or a size mismatch.
+    error message; `categories` is a CategoryTable or the COCO category list. Raises PQInputError for a
+    PNG id missing from the JSON, a JSON segment missing from the PNG, an unknown category, duplicate
+    ids or a size mismatch.
     """
     gt_ids, pred_ids = np.asarray(gt_ids), np.asarray(pred_ids)
     for arr, side in ((gt_ids, "ground truth"), (pred_ids, "prediction")):
@@ -198,86 +174,14 @@ def pq_image(
             raise PQInputError(f"{name}: {side} must be a 2-D integer id map, got {arr.dtype} {arr.shape}")
     if gt_ids.shape != pred_ids.shape:
         raise PQInputError(f"{name}: prediction size {pred_ids.shape} differs from ground truth size {gt_ids.shape}")
-    # runs on which both maps are constant: one comparison pass, then work per run, not per pixel
-    starts = row_run_starts(gt_ids, pred_ids)
-    runs = (gt_ids.ravel()[starts], pred_ids.ravel()[starts], np.diff(starts, append=gt_ids.size))
-    return pq_image_merged_runs(*runs, gt_segments, pred_segments, categories, name)
-
-
-def pq_image_runs(
-    gt: PanopticRuns,
-    gt_segments: Sequence[Mapping[str, Any]],
-    pred: PanopticRuns,
-    pred_segments: Sequence[Mapping[str, Any]],
-    categories: CategoryTable | Sequence[Mapping[str, Any]],
-    name: str = "image",
-) -> ImageStats:
-    """`pq_image` on run-length maps (genpan.coco_panoptic.read_panoptic_runs): what pq_compute uses."""
-    if gt.shape != pred.shape:
-        raise PQInputError(f"{name}: prediction size {pred.shape} differs from ground truth size {gt.shape}")
-    return pq_image_merged_runs(*_merged_runs(gt, pred), gt_segments, pred_segments, categories, name)
-
-
-def pq_image_merged_runs(
-    gt_run_ids: np.ndarray,
-    pred_run_ids: np.ndarray,
-    lengths: np.ndarray,
-    gt_segments: Sequence[Mapping[str, Any]],
-    pred_segments: Sequence[Mapping[str, Any]],
-    categories: CategoryTable | Sequence[Mapping[str, Any]],
-    name: str = "image",
-) -> ImageStats:
-    """`pq_image` on runs covering the image on which both maps are constant: (GT id, pred id, pixel
-    count) of each. The matching itself: every other entry point reduces its input to such runs
-    (genpan.png.rgb_run_pair_fast reads them from two OpenCV-written PNGs at once)."""
     if not isinstance(categories, CategoryTable):
         categories = CategoryTable.from_coco(categories)
     cat_index = categories.index
     gt = _parse_segments(gt_segments, cat_index, f"{name} (ground truth)")
     pred = _parse_segments(pred_segments, cat_index, f"{name} (prediction)")
-    g = _compact(gt_run_ids, gt.ids, f"{name} (ground truth)")
-    p = _compact(pred_run_ids, pred.ids, f"{name} (prediction)")
-    n_g, n_p = gt.ids.size + 1, pred.ids.size + 1  # index 0 is void on both sides
-    if (n_g + 1) * n_p <= _DENSE_MATCH_LIMIT:
-        return _match_dense(g, p, lengths, gt, pred, categories, name)
-
-    pair_g, pair_p, inter = _pair_counts(g, p, lengths, n_g, n_p)
-    gt_area = np.bincount(pair_g, weights=inter, minlength=n_g).astype(np.int64)
-    pred_area = np.bincount(pair_p, weights=inter, minlength=n_p).astype(np.int64)
-    _absent(gt_area, gt, "ground truth", name)
-    _absent(pred_area, pred, "prediction", name)
-    pred_on_void = np.zeros(n_p, np.int64)
-    on_void = pair_g == 0
-    pred_on_void[pair_p[on_void]] = inter[on_void]
-
-    # Matching: same category, GT not crowd, IoU > 0.5 (unique by construction: two matches would
-    # need more than all of a segment's pixels).
-    both = (pair_g > 0) & (pair_p > 0)
-    mg, mp, mi = pair_g[both], pair_p[both], inter[both]
-    gt_cat = np.concatenate([[-1], gt.cat])
-    pred_cat = np.concatenate([[-2], pred.cat])
-    gt_crowd = np.concatenate([[False], gt.crowd])
-    union = pred_area[mp] + gt_area[mg] - mi - pred_on_void[mp]
-    iou = mi / union
-    match = (iou > 0.5) & (gt_cat[mg] == pred_cat[mp]) & ~gt_crowd[mg]
-    tp_g, tp_p, tp_iou = mg[match], mp[match], iou[match]
-    gt_matched = np.zeros(n_g, bool)
-    gt_matched[tp_g] = True
-    pred_matched = np.zeros(n_p, bool)
-    pred_matched[tp_p] = True
-
-    fn_g = np.flatnonzero(~gt_matched[1:] & ~gt.crowd) + 1
-
-    crowd_of_cat = _crowd_of_category(gt, len(categories))
-    pred_on_crowd = np.zeros(n_p, np.int64)
-    on_crowd = crowd_of_cat[pred_cat[mp].clip(0)] == mg
-    pred_on_crowd[mp[on_crowd]] = mi[on_crowd]
-    unmatched = np.flatnonzero(~pred_matched[1:]) + 1
-    ignored = (pred_on_void[unmatched] + pred_on_crowd[unmatched]) / pred_area[unmatched] > 0.5
-    fp_p = unmatched[~ignored]
-
-    return _image_stats(categories, gt, gt_area[1:], (gt_cat[tp_g], gt_cat[fn_g], pred_cat[fp_p]), tp_iou,
-                        gt_area[np.concatenate([tp_g, fn_g])], pred_area[tp_p], pred_area[fp_p])
+    g = _compact(gt_ids.ravel(), gt.ids, f"{name} (ground truth)")
+    p = _compact(pred_ids.ravel(), pred.ids, f"{name} (prediction)")
+    return _match(g, p, gt, pred, categories, name)
 
 
 def _crowd_of_category(gt: _Segments, n_cat: int) -> np.ndarray:
@@ -328,14 +232,14 @@ def _absent(area: np.ndarray, seg: _Segments, side: str, name: str) -> None:
         raise PQInputError(f"{name} ({side}): segment ids {absent[:10].tolist()} are in the JSON but not in the PNG")
 
 
-def _match_dense(
-    g: np.ndarray, p: np.ndarray, lengths: np.ndarray, gt: _Segments, pred: _Segments, categories: CategoryTable, name: str
-) -> ImageStats:
-    """The matching of `pq_image_merged_runs` on the (n_g + 1) × n_p intersection matrix (index 0 void;
-    the extra last row stays zero, so that index −1 reads "no crowd segment"). Same numbers as the
-    sparse path, record for record."""
+def _match(g: np.ndarray, p: np.ndarray, gt: _Segments, pred: _Segments, categories: CategoryTable, name: str) -> ImageStats:
+    """Matching on the intersection matrix of compact GT index × compact prediction index (index 0 void
+    on both sides), counted in one bincount over the combined index g·n_p + p. The matrix has an extra
+    last row of zeros, so that row −1 reads "no crowd segment". Segment counts per image are small (COCO:
+    at most a few hundred), so the matrix stays small."""
     n_g, n_p = gt.ids.size + 1, pred.ids.size + 1
-    inter = np.bincount(g * n_p + p, weights=lengths, minlength=(n_g + 1) * n_p).reshape(n_g + 1, n_p)
+    combined = g.astype(np.int64) * n_p + p
+    inter = np.bincount(combined, minlength=(n_g + 1) * n_p).reshape(n_g + 1, n_p)
     gt_area, pred_area = inter.sum(1)[:n_g], inter.sum(0)
     if gt_area[1:].size and gt_area[1:].min() == 0:
         _absent(gt_area, gt, "ground truth", name)
