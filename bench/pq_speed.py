@@ -11,9 +11,8 @@ runs too when installed, with its own threading. Also timed: decoding every PNG 
     python bench/pq_speed.py --images 300 --min-size 256 --max-size 512
     python bench/pq_speed.py --gt-writer pil     # GT PNGs as COCO's own files are written (PIL)
 
-The generated PNGs are written by OpenCV, as eval/predict.py writes predictions (every row Sub-filtered:
-genpan/png.py decodes them with zlib-ng + numpy). COCO's ground truth was written by PIL, whose per-row
-adaptive filters (Average/Paeth rows) send our decoder to OpenCV: `--gt-writer pil` measures that case.
+The generated PNGs are written by OpenCV, as eval/predict.py writes predictions. COCO's ground truth
+was written by PIL (per-row adaptive filters): `--gt-writer pil` measures that case.
 
 The last line is `RESULT speedup_vs_panopticapi=<ours vs reference, 1 process>`.
 """
