@@ -87,8 +87,11 @@ def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
     Path(path).write_bytes(encode_panoptic_png(ids))
 
 
-def load_panoptic_json(path: str | Path) -> dict[str, Any]:
-    """Load a COCO panoptic JSON with a clear error for a missing or malformed file."""
+def load_panoptic_json(path: str | Path, required: tuple[str, ...] = ("annotations", "categories")) -> dict[str, Any]:
+    """Load a COCO panoptic JSON with a clear error for a missing or malformed file.
+
+    `required`: the top-level lists it must have. A prediction file needs only `annotations` (the
+    categories are the ground truth's, as panopticapi's `pq_compute` takes them)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"panoptic JSON not found: {path}")
@@ -96,7 +99,9 @@ def load_panoptic_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    for field in ("annotations", "categories"):
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a COCO panoptic JSON is an object with an 'annotations' list, got {type(data).__name__}")
+    for field in required:
         if field not in data:
             raise ValueError(f"{path}: a COCO panoptic JSON needs an '{field}' list")
     return data

@@ -204,7 +204,7 @@ def _default_dir(json_path: Path, folder: str | Path | None) -> Path:
 
 
 def _tasks(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path) -> tuple[CategoryTable, list, list]:
-    gt_data, pred_data = load_panoptic_json(gt_json), load_panoptic_json(pred_json)
+    gt_data, pred_data = load_panoptic_json(gt_json), load_panoptic_json(pred_json, required=("annotations",))
     categories = CategoryTable.from_coco(gt_data["categories"], str(gt_json))
     gt_anns, pred_anns = _annotations(gt_data, gt_json), _annotations(pred_data, pred_json)
     tasks, image_ids = [], []

@@ -52,7 +52,7 @@ def training_section(metrics_path: Path, out: Path) -> str:
 
 def overlays_section(gt_json: Path, gt_dir: Path, pred_json: Path, pred_dir: Path, image_dir: Path, out: Path, count: int) -> str:
     gt = load_panoptic_json(gt_json)
-    pred = {a["image_id"]: a for a in load_panoptic_json(pred_json)["annotations"]}
+    pred = {a["image_id"]: a for a in load_panoptic_json(pred_json, required=("annotations",))["annotations"]}
     files = {im["id"]: im["file_name"] for im in gt["images"]}
     rows = []
     for ann in gt["annotations"][:count]:
