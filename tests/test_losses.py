@@ -239,6 +239,55 @@ def test_dice_gradcheck_and_single_instance():
     torch.testing.assert_close(L.dice_loss(pred, u, v, single, crowd, ins1, 1), slow_dice(pred, u, v, single, crowd, ins1, 1))
 
 
+def per_image_loop_dice(pred, u, v, valid, ignore, ins, n_harm):
+    """The per-image formulation (unique ids, a matrix product per image): a second, independent reference."""
+    half = 2 * n_harm
+    per_image = []
+    for b in range(pred.shape[0]):
+        keep = ~ignore[b].reshape(-1)
+        pix = pred[b].reshape(pred.shape[1], -1)[:, keep]
+        labelled = valid[b].reshape(-1)[keep] & (ins[b].reshape(-1)[keep] > 0)
+        if not bool(labelled.any()):
+            continue
+        ids, inv = torch.unique(ins[b].reshape(-1)[keep][labelled], return_inverse=True)
+        area = torch.bincount(inv, minlength=len(ids)).to(pred.dtype)
+        u_l = torch.zeros_like(area).index_add_(0, inv, u[b].reshape(-1)[keep][labelled]) / area
+        v_l = torch.zeros_like(area).index_add_(0, inv, v[b].reshape(-1)[keep][labelled]) / area
+        cu, cv = L.pe_encode(u_l, n_harm), L.pe_encode(v_l, n_harm)
+        sq = ((cu[:, :, None] - pix[None, :half]) ** 2).sum(1) + ((cv[:, :, None] - pix[None, half:]) ** 2).sum(1)
+        p = torch.exp(-sq)
+        w_l = 1.0 / area
+        own = p[inv, labelled.nonzero().squeeze(1)]
+        per_image.append(1.0 - 2.0 * (w_l[inv] * own).sum() / ((w_l * area).sum() + (w_l[:, None] * p).sum()))
+    return torch.stack(per_image).mean()
+
+
+def test_batched_dice_equals_the_per_image_loop_with_empty_images_and_spare_slots():
+    pred, u, v, valid, crowd, ins, dist = instance_scene(6, n_harm=2)
+    target = L.pe_target(u, v, valid, 2).permute(0, 3, 1, 2)
+    x = (target + 0.3 * pred.detach()).requires_grad_()
+    empty_valid = valid.clone()
+    empty_valid[1] = False  # an image with no labelled instance counts for nothing
+    k = int(ins.max()) + 1
+    for n in (None, k, k + 5):  # spare slots of the crowd table change nothing
+        got = L.dice_loss(x, u, v, empty_valid, crowd, ins, 2, n)
+        ref = per_image_loop_dice(x, u, v, empty_valid, crowd, ins, 2)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(ref, x)[0], rtol=1e-8, atol=1e-12)
+
+
+def test_a_configured_task_without_targets_is_an_error():
+    pred, u, v, valid, crowd, ins, dist = instance_scene(7, n_harm=2)
+    cfg = L.LossConfig(num_harmonics=2, backend="torch")
+    targets = {"u": u, "v": v, "valid": valid, "ignore": crowd, "dist": dist, "ins": ins}
+    outputs = {"inst": pred, "sem": torch.zeros(pred.shape[0], 3, *pred.shape[2:], dtype=pred.dtype)}
+    with pytest.raises(ValueError, match="task 'sem' is in the config's tasks but the batch has no 'sem' targets"):
+        L.compute_losses(outputs, targets, cfg, tasks=["sem", "inst"])
+    with pytest.raises(ValueError, match="task 'depth' .* no 'depth' output"):
+        L.compute_losses(outputs, targets, cfg, tasks=["inst", "depth"])
+    assert "inst_dice" in L.compute_losses(outputs, targets, cfg, tasks=["inst"])
+
+
 def test_dice_perfect_prediction_approaches_zero_and_no_instances_is_zero():
     pred, u, v, valid, crowd, ins, dist = instance_scene(5, n_harm=4)
     perfect = L.pe_target(u, v, valid, 4).permute(0, 3, 1, 2)

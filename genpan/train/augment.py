@@ -192,6 +192,7 @@ def augment_batch(
         "v": v,
         "valid": (ins > 0) & ~crowd_px,
         "ignore": crowd_px,
+        "crowd": crowd,  # (B, K): K = one more than the largest instance index, known on the host
     }
     for key in ("depth", "disp"):
         if key in batch:

@@ -32,6 +32,7 @@ Choices the paper leaves open, fixed here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,43 +180,48 @@ def inst_pe_tv(
     return pe_loss(pred, u, v, valid, weight, num_harmonics), norm_tv(pred, 2.0)
 
 
-def dice_loss(pred: Tensor, u: Tensor, v: Tensor, valid: Tensor, ignore: Tensor, ins: Tensor, num_harmonics: int) -> Tensor:
+def dice_loss(pred: Tensor, u: Tensor, v: Tensor, valid: Tensor, ignore: Tensor, ins: Tensor, num_harmonics: int,
+              num_instances: int | None = None) -> Tensor:
     """Generalised DICE (eq. 12-14) with w_l = 1/area_l over each image's labelled instances.
 
     p_l,ij = exp(−(d^x)²)·exp(−(d^y)²), d^x/d^y the euclidean distances between pixel ij's predicted
     u/v halves and instance l's code; r_l,ij = 1 on instance l. Pixels: all non-crowd pixels of the
-    image (void included, so void predicted like an instance is penalised). Squared distances come
-    from ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b as one matrix product per image. Mean over images with instances.
+    image (void included, so void predicted like an instance is penalised). Mean over images with instances.
+
+    The whole batch at once, with no host synchronisation: instance index k of image b is slot (b, k) of
+    a (B, K) table (K = `num_instances`, one more than the largest index: the width of the batch's crowd
+    table; computed from `ins` when not given). Slots without labelled pixels have area 0 and weight 0.
+    Squared distances come from ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b as one batched matrix product.
     """
     x = pred.to(_compute_dtype(pred))
+    B, C = x.shape[:2]
     half = 2 * num_harmonics
-    per_image = []
-    for b in range(x.shape[0]):
-        keep = ~ignore[b].reshape(-1)
-        pix = x[b].reshape(x.shape[1], -1)[:, keep]  # (4L, P)
-        labelled = valid[b].reshape(-1)[keep] & (ins[b].reshape(-1)[keep] > 0)
-        if not bool(labelled.any()):
-            continue
-        ids, inv = torch.unique(ins[b].reshape(-1)[keep][labelled], return_inverse=True)
-        area = torch.bincount(inv, minlength=len(ids)).to(x.dtype)
-        # every pixel of an instance carries the same (u, v): the mean recovers it
-        u_l = torch.zeros_like(area).index_add_(0, inv, u[b].reshape(-1)[keep][labelled].to(x.dtype)) / area
-        v_l = torch.zeros_like(area).index_add_(0, inv, v[b].reshape(-1)[keep][labelled].to(x.dtype)) / area
-        sq_dist = _sq_dist(pe_encode(u_l, num_harmonics), pix[:half]) + _sq_dist(pe_encode(v_l, num_harmonics), pix[half:])
-        p = torch.exp(-sq_dist)  # (n_l, P)
-        w_l = 1.0 / area
-        own = p[inv, labelled.nonzero().squeeze(1)]  # p_l,ij on instance l's own pixels (r = 1)
-        intersection = (w_l[inv] * own).sum()
-        union = (w_l * area).sum() + (w_l[:, None] * p).sum()
-        per_image.append(1.0 - 2.0 * intersection / union)
-    if not per_image:
-        return x.sum() * 0.0
-    return torch.stack(per_image).mean()
+    K = int(ins.max()) + 1 if num_instances is None else int(num_instances)
+    keep = ~ignore.reshape(B, -1)
+    labelled = (valid & (ins > 0)).reshape(B, -1) & keep
+    slot = ins.reshape(B, -1).long().clamp(0, K - 1)
+    lab = labelled.to(x.dtype)
+    area = torch.zeros(B, K, dtype=x.dtype, device=x.device).scatter_add_(1, slot, lab)
+    safe_area = area.clamp_min(1.0)
+    # every pixel of an instance carries the same (u, v): the mean recovers it
+    u_l = torch.zeros_like(area).scatter_add_(1, slot, u.reshape(B, -1).to(x.dtype) * lab) / safe_area
+    v_l = torch.zeros_like(area).scatter_add_(1, slot, v.reshape(B, -1).to(x.dtype) * lab) / safe_area
+    pix = x.reshape(B, C, -1)
+    sq_dist = _sq_dist_batched(pe_encode(u_l, num_harmonics), pix[:, :half]) + _sq_dist_batched(pe_encode(v_l, num_harmonics), pix[:, half:])
+    p = torch.exp(-sq_dist) * keep.to(x.dtype)[:, None, :]  # (B, K, P), crowd pixels out
+    present = area > 0
+    w_l = torch.where(present, 1.0 / safe_area, torch.zeros_like(area))
+    own = torch.gather(p, 1, slot[:, None, :]).squeeze(1)  # p of each pixel under its own instance
+    intersection = (torch.gather(w_l, 1, slot) * own * lab).sum(1)
+    union = (w_l * area).sum(1) + (w_l[:, :, None] * p).sum((1, 2))
+    has = present.any(1)
+    per_image = torch.where(has, 1.0 - 2.0 * intersection / union.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(union))
+    return per_image.sum() / has.sum().clamp_min(1).to(x.dtype)
 
 
-def _sq_dist(codes: Tensor, pix: Tensor) -> Tensor:
-    """‖code_l − pix_j‖² for codes (n, k) and pixel vectors (k, P) → (n, P), clamped at 0 against rounding."""
-    sq = (codes * codes).sum(1)[:, None] + (pix * pix).sum(0)[None, :] - 2.0 * codes @ pix
+def _sq_dist_batched(codes: Tensor, pix: Tensor) -> Tensor:
+    """‖code_bl − pix_bj‖² for codes (B, n, k) and pixel vectors (B, k, P) → (B, n, P), clamped at 0."""
+    sq = (codes * codes).sum(2)[:, :, None] + (pix * pix).sum(1)[:, None, :] - 2.0 * torch.bmm(codes, pix)
     return sq.clamp_min(0.0)
 
 
@@ -328,13 +334,19 @@ def _need(targets: dict[str, Any], keys: tuple[str, ...], task: str) -> None:
         raise ValueError(f"loss: task {task!r} needs targets {', '.join(missing)}")
 
 
-def compute_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], cfg: LossConfig) -> dict[str, Tensor]:
+def compute_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], cfg: LossConfig,
+                   tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Every loss term of the tasks present in both outputs and targets, plus `total`.
+
+    `tasks` (the config's): each listed task must have its output and its targets, else ValueError naming
+    the task and the missing field — a loss term is never dropped silently.
 
     total = sem_weight·(sem_ce + sem_tv_weight·sem_tv)
           + inst_weight·(inst_main + inst_tv_weight·inst_tv + dice_weight·inst_dice)   (dice: "pe" only)
           + depth_weight·depth
     """
+    if tasks is not None:
+        _check_tasks(outputs, targets, cfg, tasks)
     terms: dict[str, Tensor] = {}
     total: Tensor | None = None
 
@@ -369,7 +381,8 @@ def compute_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], cfg: 
             else:
                 main, tv = inst_pe_tv(pred, u, v, valid, ignore, dist, cfg.num_harmonics, cfg.D, cfg.wmin)
             # DICE always runs on the reference path (a per-image matrix product, not a per-pixel stream)
-            dice = dice_loss(pred, u, v, valid, ignore, targets["ins"], cfg.num_harmonics)
+            width = targets["crowd"].shape[1] if "crowd" in targets else None  # known on the host: no sync
+            dice = dice_loss(pred, u, v, valid, ignore, targets["ins"], cfg.num_harmonics, width)
             terms["inst_dice"] = dice
             inst_total = main + cfg.inst_tv_weight * tv + cfg.dice_weight * dice
         else:
@@ -401,4 +414,17 @@ def compute_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor], cfg: 
                          f"{sorted(outputs)}, targets: {sorted(targets)})")
     terms["total"] = total
     return terms
+
+
+def _check_tasks(outputs: dict[str, Tensor], targets: dict[str, Tensor], cfg: LossConfig, tasks: Sequence[str]) -> None:
+    depth_key = "disp" if cfg.depth_loss == "affine" else "depth"
+    needed = {"sem": ("sem", "dist"), "inst": ("u", "v", "valid", "ignore", "dist") + (("ins",) if cfg.inst_encoding == "pe" else ()),
+              "depth": (depth_key,)}
+    for task in tasks:
+        if task not in outputs:
+            raise ValueError(f"loss: task '{task}' is in the config's tasks but the model gave no '{task}' output")
+        missing = [k for k in needed.get(task, ()) if k not in targets]
+        if missing:
+            raise ValueError(f"loss: task '{task}' is in the config's tasks but the batch has no {missing[0]!r} targets"
+                             + (" (shards built without depth: re-run prep with depth, or drop the task)" if task == "depth" else ""))
 

@@ -326,7 +326,7 @@ class Trainer:
                                     enabled=self.autocast_dtype is not None):
                     outputs = self.model(images)
                 outputs = {k: v for k, v in outputs.items() if k in self.cfg.tasks}
-                losses = compute_losses(outputs, targets, self.cfg.loss)
+                losses = compute_losses(outputs, targets, self.cfg.loss, self.cfg.tasks)
                 self.scaler.scale(losses["total"] / self.accum).backward()
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
