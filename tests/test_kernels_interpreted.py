@@ -172,3 +172,9 @@ def test_compute_losses_triton_backend_equals_torch_backend():
         torch.testing.assert_close(terms[k], ref_terms[k], rtol=1e-5, atol=1e-7)
     _close_grad(gs, ref_gs, 1e-5)
     _close_grad(gi, ref_gi, 1e-5)
+
+
+def test_selfcheck_passes_for_the_real_kernels():
+    from genpan.kernels.selfcheck import check_kernels
+
+    assert check_kernels("cpu", torch.float32) is None

@@ -32,7 +32,8 @@ Choices the paper leaves open, fixed here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,12 +313,35 @@ def silog_loss(pred_depth: Tensor, target_depth: Tensor, valid: Tensor, lam: flo
 
 
 def _use_kernels(backend: str, x: Tensor) -> bool:
-    """backend "auto": the kernels for CUDA fp32/bf16 predictions, the reference for anything else."""
+    """backend "auto": the kernels for CUDA fp32/bf16 predictions that passed their self-check on this
+    device and dtype, the reference for anything else; "triton": the kernels, a failed check an error."""
     if backend == "torch":
         return False
-    if backend == "triton":
-        return True
-    return x.is_cuda and x.dtype in (torch.float32, torch.bfloat16)
+    if backend == "auto" and not (x.is_cuda and x.dtype in (torch.float32, torch.bfloat16)):
+        return False
+    return kernels_pass_self_check(x.device, x.dtype, strict=backend == "triton")
+
+
+_self_check_results: dict[tuple[str, torch.dtype], str | None] = {}
+
+
+def kernels_pass_self_check(device: torch.device, dtype: torch.dtype, strict: bool = False,
+                            check: Callable[[torch.device, torch.dtype], str | None] | None = None) -> bool:
+    """Whether the fused kernels may run on (device, dtype): checked once per pair against the reference
+    (genpan/kernels/selfcheck.py). A failure prints one warning line and falls back to the reference, or
+    raises when `strict` (`loss.backend = "triton"`). `check` replaces the real check (tests)."""
+    key = (str(device), dtype)
+    if key not in _self_check_results:
+        if check is None:
+            from genpan.kernels.selfcheck import check_kernels as check
+        _self_check_results[key] = check(device, dtype)
+        if _self_check_results[key] is not None and not strict:
+            print(f"warning: the fused loss kernels failed their self-check on {device} {dtype}; using the PyTorch "
+                  f"reference instead ({_self_check_results[key]})", file=sys.stderr, flush=True)
+    reason = _self_check_results[key]
+    if reason is not None and strict:
+        raise RuntimeError(f"loss.backend = 'triton' but the fused kernels failed their self-check on {device} {dtype}: {reason}")
+    return reason is None
 
 
 def _check_shape(name: str, pred: Tensor, target: Tensor) -> None:
