@@ -10,6 +10,14 @@ Also written: `depth_{name}/*.png` (uint16 millimetres = sigmoid output × --dep
 depth head, and with --save-raw `raw_{name}/*.npz` (eval/sweep.py's format: sem, inst, image_id,
 train_to_category) for sweeping post-processing thresholds without rerunning the model.
 
+Bad inputs and interruptions. An unreadable, empty, truncated or non-image input is skipped with one line
+naming it; the run goes on, and the skipped inputs are listed with their reasons in `skipped.json` beside
+the outputs (`--strict` stops at the first one instead). Every output file is written atomically and each
+finished image is recorded in `.state_{name}/` after its PNGs, so a killed run, started again with the
+same command, predicts only what is missing (`--force` redoes everything); the JSON is written last, in
+the input's order, and is the same as an uninterrupted run's. Exit status: 0 all done; 3 done, some
+inputs skipped; 2 bad arguments or an error that stopped the run.
+
 Modes. `resize` (default): the short side goes to --size (default: the training crop's short side), both sides
 rounded to multiples of the backbone's patch p (14 DINOv2, 16 DINOv3, from the model config); post-processing
 runs at the model's output resolution (8/p of the input: 8/14, or 1/2 for DINOv3) and
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tarfile
 from collections import deque
@@ -53,12 +62,14 @@ from genpan.config import from_dict, load_config, to_dict
 from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess
 from genpan.labels import pe_target
 from genpan.prep.readers.base import contiguous_train_ids
+from genpan.prep.readers.image_header import image_info
 from genpan.prep.targets import segment_stats
 from genpan.train.checkpoint import read_checkpoint
 from genpan.train.model import ModelConfig, PanopticModel, build_model
 
 PATCH = 14  # the DINOv2 default; the model config's patch_size is used where a model is known
 BACKENDS = ("torch", "export", "onnx")
+EXIT_SKIPPED = 3  # done, but some inputs could not be read (listed in skipped.json)
 MODES = ("resize", "slide")
 
 
@@ -237,6 +248,10 @@ def read_rgb(path: str) -> np.ndarray:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image not found: {path}")
         data = Path(path).read_bytes()
+    try:
+        image_info(data)  # a non-image, an empty or a truncated file, from its header and end marker
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"{path}: not a decodable image")
@@ -480,10 +495,52 @@ class Settings:
     save_raw: bool = False
     progress: bool = True
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    strict: bool = False  # stop at the first unreadable input instead of skipping it
+    force: bool = False  # redo images a previous run already predicted
 
 
-def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settings: Settings) -> Path:
-    """Predict every item of `source`; returns the written JSON path."""
+@dataclass
+class PredictionRun:
+    json_path: Path
+    predicted: int
+    resumed: int
+    skipped: list[dict[str, str]]
+
+
+def _run_fingerprint(meta: InferenceMeta, s: Settings) -> str:
+    """What decides an image's outputs: a run resumes only over outputs made with the same."""
+    keys = {"model": meta.source, "mode": s.mode, "size": s.size, "slide_short_side": s.slide_short_side, "overlap": s.overlap,
+            "depth_max": s.depth_max, "save_raw": s.save_raw, "postprocess": to_dict(s.postprocess)}
+    return json.dumps(keys, sort_keys=True, default=str)
+
+
+def _open_state(s: Settings, fingerprint: str) -> Path:
+    """The folder of per-image records (`.state_{name}/`): each finished image's annotation, written
+    after its PNGs, so a killed run resumes where it stopped and its JSON is assembled from them."""
+    state = s.out / f".state_{s.name}"
+    record = state / "run.json"
+    if s.force and state.exists():
+        shutil.rmtree(state)
+    if record.is_file() and record.read_text() != fingerprint:
+        raise ValueError(f"{s.out} holds predictions '{s.name}' made with another model or other settings; "
+                         "pass --force to redo them (or choose another --out / --name)")
+    state.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, fingerprint)
+    return state
+
+
+def _state_file(state: Path, item: Item) -> Path:
+    return state / f"{item.file_name}.json"
+
+
+def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settings: Settings) -> PredictionRun:
+    """Predict every item of `source`; returns the written JSON path, the counts and the skipped inputs.
+
+    An unreadable, truncated or non-image input is skipped with one line naming it (or, with
+    `settings.strict`, raises ValueError). Images whose outputs a previous run with the same settings
+    finished are not predicted again (unless `settings.force`). The JSON is written last, atomically,
+    from the per-image records, in the source's order: it never disagrees with the PNG folder.
+    """
     s = settings
     if s.mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {s.mode!r}")
@@ -492,20 +549,26 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     if size % patch and s.mode == "slide":
         raise ValueError(f"--size must be a multiple of {patch} for sliding windows, got {size}")
     pan_dir, depth_dir, raw_dir = (s.out / f"{kind}_{s.name}" for kind in ("panoptic", "depth", "raw"))
+    json_path = s.out / f"panoptic_{s.name}.json"
+    skipped_path = s.out / "skipped.json"
+    s.out.mkdir(parents=True, exist_ok=True)
+    state = _open_state(s, _run_fingerprint(meta, s))
+    json_path.unlink(missing_ok=True)  # until this run's JSON is written, none: never a stale one beside new PNGs
     pan_dir.mkdir(parents=True, exist_ok=True)
     t2c, things = meta.train_to_category, meta.thing_train_ids
-    annotations: dict[int, dict[str, Any]] = {}
-    images: dict[int, dict[str, Any]] = {}
+    done = {i for i, item in enumerate(source.items) if _state_file(state, item).is_file()}
+    todo = [(i, item) for i, item in enumerate(source.items) if i not in done]
+    skipped: list[dict[str, str]] = []
+    predicted = 0
 
     if meta.inst_encoding != "pe":
         backend = PEAdapter(backend, meta)
 
     def finish(index: int, item: Item, orig: tuple[int, int], out: dict[str, np.ndarray]) -> None:
+        nonlocal predicted
         pan, segments = postprocess(out["sem"], out["inst"], t2c, things, s.postprocess)
         pan, segments = resize_segments(pan, segments, orig)
         atomic_write_bytes(pan_dir / item.file_name, encode_panoptic_png(pan))
-        annotations[index] = {"image_id": item.image_id, "file_name": item.file_name, "segments_info": segments}
-        images[index] = {"id": item.image_id, "file_name": Path(item.path.split("::")[-1]).name, "height": orig[0], "width": orig[1]}
         if "depth" in out:
             atomic_write_bytes(depth_dir / item.file_name, depth_png_mm(out["depth"][0], orig, s.depth_max))
         if s.save_raw:
@@ -513,9 +576,18 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
 
             raw_dir.mkdir(parents=True, exist_ok=True)
             save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, out["sem"], out["inst"], t2c)
+        record = {"annotation": {"image_id": item.image_id, "file_name": item.file_name, "segments_info": segments},
+                  "image": {"id": item.image_id, "file_name": Path(item.path.split("::")[-1]).name, "height": orig[0], "width": orig[1]}}
+        atomic_write_text(_state_file(state, item), json.dumps(record))  # last: the image counts as done only now
+        predicted += 1
 
-    def load(item: Item) -> tuple[np.ndarray, tuple[int, int]]:
-        img = read_rgb(item.path)
+    def load(item: Item) -> tuple[np.ndarray, tuple[int, int]] | str:
+        try:
+            img = read_rgb(item.path)
+        except (ValueError, OSError, cv2.error) as exc:  # the reason, for the skip line and skipped.json
+            if s.strict:
+                raise ValueError(f"{exc} (--strict stops at the first bad input)") from None
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         orig = img.shape[:2]
         if s.mode == "resize":
             return resize_rgb(img, fit_size(*orig, size, patch)), orig
@@ -531,9 +603,14 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
             finish(index, item, orig, {name: arr[k] for name, arr in out.items()})
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # decode/resize the next images while the model runs
-        loaded = prefetch(pool, load, source.items, ahead=4 * s.batch_size)
-        bar = tqdm(zip(source.items, loaded), total=len(source.items), desc="predict", unit="img", disable=not s.progress)
-        for index, (item, (img, orig)) in enumerate(bar):
+        loaded = prefetch(pool, load, [item for _, item in todo], ahead=4 * s.batch_size)
+        bar = tqdm(zip(todo, loaded), total=len(todo), desc="predict", unit="img", disable=not s.progress)
+        for (index, item), got in bar:
+            if isinstance(got, str):
+                skipped.append({"path": item.path, "reason": got})
+                tqdm.write(f"skipped: {got}" if item.path in got else f"skipped: {item.path}: {got}", file=sys.stderr)
+                continue
+            img, orig = got
             if s.mode == "slide":
                 finish(index, item, orig, predict_sliding(backend, img, size, s.overlap, s.batch_size, s.postprocess.grid_size, patch))
                 continue
@@ -543,16 +620,19 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
         for shape in list(pending):
             flush(shape)
 
-    order = sorted(annotations)
+    records = [json.loads(_state_file(state, item).read_text()) for item in source.items if _state_file(state, item).is_file()]
     result = {
         "info": {"description": f"genpan predictions ({meta.source})"},
-        "images": [images[i] for i in order],
-        "annotations": [annotations[i] for i in order],
+        "images": [r["image"] for r in records],
+        "annotations": [r["annotation"] for r in records],
         "categories": [{k: c[k] for k in ("id", "name", "isthing")} for c in sorted(meta.categories, key=lambda c: c["id"])],
     }
-    json_path = s.out / f"panoptic_{s.name}.json"
+    if skipped:
+        atomic_write_text(skipped_path, json.dumps(skipped, indent=1))
+    else:
+        skipped_path.unlink(missing_ok=True)
     atomic_write_text(json_path, json.dumps(result))
-    return json_path
+    return PredictionRun(json_path, predicted, len(done), skipped)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -580,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, required=True, help="output folder (created)")
     out.add_argument("--name", help="output name: panoptic_{name}.json (default: the split name, else 'pred')")
     out.add_argument("--save-raw", action="store_true", help="also write raw_{name}/*.npz (sem, inst) for eval/sweep.py")
+    out.add_argument("--strict", action="store_true", help="stop at the first unreadable input (default: skip it, list it in skipped.json, exit 3)")
+    out.add_argument("--force", action="store_true", help="predict again the images an earlier run in --out already finished")
     out.add_argument("--depth-max", type=float, default=10.0,
                      help="metres that the depth head's output 1.0 stands for (default 10, NYUv2; paper 5.1)")
     run = p.add_argument_group("inference")
@@ -628,12 +710,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, meta = open_backend(args.backend, args.checkpoint, args.artefact, args.device, categories, args.bf16, args.threads)
         post = load_config(PostprocessConfig, args.postprocess_config) if args.postprocess_config else PostprocessConfig()
         settings = Settings(args.out, args.name or source.name, args.mode, args.size, args.slide_short_side, args.overlap,
-                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post)
-        json_path = run_prediction(backend, meta, source, settings)
+                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post, args.strict, args.force)
+        run = run_prediction(backend, meta, source, settings)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"predictions written to {json_path} and {json_path.with_suffix('')}/")
+    json_path = run.json_path
+    resumed = f", {run.resumed} from an earlier run" if run.resumed else ""
+    print(f"predictions written to {json_path} and {json_path.parent / ('panoptic_' + settings.name)}/ "
+          f"({run.predicted} predicted{resumed})")
+    if run.skipped:
+        print(f"{len(run.skipped)} input(s) skipped, listed with their reasons in {json_path.parent / 'skipped.json'}:", file=sys.stderr)
+        for entry in run.skipped:
+            print(f"  {entry['path']}: {entry['reason']}", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
