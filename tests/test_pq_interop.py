@@ -121,7 +121,7 @@ def test_segment_missing_from_the_png_is_refused_by_both(pair):
 
 def test_unknown_category_is_refused_by_both(pair):
     _edit_prediction(pair, lambda d: d["annotations"][0]["segments_info"][0].update(category_id=99999))
-    with pytest.raises(Exception):
+    with pytest.raises(KeyError, match="unknown category_id 99999"):
         _reference(pair)
     with pytest.raises(PQInputError, match="99999"):
         _ours(pair)
