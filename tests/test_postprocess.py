@@ -454,7 +454,7 @@ def test_parse_grid_types_values_and_rejects_bad_options() -> None:
 
 
 def test_resize_ids_matches_a_loop() -> None:
-    from genpan.eval.sweep import resize_ids
+    from genpan.eval.postprocess import resize_id_map as resize_ids
 
     pan = np.random.default_rng(0).integers(0, 4, (7, 9)).astype(np.int32)
     segs = [{"id": i, "category_id": 1} for i in (1, 2, 3, 9)]

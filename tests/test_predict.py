@@ -21,7 +21,6 @@ from genpan.eval.predict import (
     normalise_categories,
     predict_sliding,
     reencode_in_image,
-    resize_segments,
     window_starts,
 )
 from genpan.labels import pe_target
@@ -103,6 +102,8 @@ def test_sliding_windows_recover_small_instances():
 
 
 def test_resize_segments_recomputes_stats_and_drops_vanished():
+    from genpan.eval.postprocess import resize_id_map as resize_segments
+
     pan = np.zeros((20, 20), np.int32)
     pan[2:12, 2:12], pan[15, 15] = 1, 2
     segments = [{"id": 1, "category_id": 5, "area": 100}, {"id": 2, "category_id": 6, "area": 1}]
@@ -125,7 +126,8 @@ def test_normalise_categories_accepts_rows_and_coco_dicts():
 
 def tiny_checkpoint(path, categories=None, depth_head=False):
     torch.manual_seed(0)
-    cfg = tiny_cpu_config(num_classes=2, embed_dim=32, depth=1, num_heads=2, decoder_width=16, depth_head=depth_head)
+    num_classes = len(categories) if categories else 2
+    cfg = tiny_cpu_config(num_classes=num_classes, embed_dim=32, depth=1, num_heads=2, decoder_width=16, depth_head=depth_head)
     payload = {"model": build_model(cfg).state_dict(), "config": json.dumps({"model": to_dict(cfg), "data": {"size": [56, 56]}})}
     if categories is not None:
         payload["categories"] = categories
@@ -234,3 +236,34 @@ def test_inference_loader_verifies_checksums(tmp_path):
         load_checkpoint_for_inference(step / SHARED_NAME)
     (step / "checksums.json").write_text(json.dumps({"sha256": {SHARED_NAME: hashlib.sha256(data).hexdigest()}}))
     load_checkpoint_for_inference(step)
+
+
+def test_sweep_scores_exactly_what_predict_writes(tmp_path):
+    """One id-map resize and the raw outputs at full precision: the sweep's PQ for a config equals
+    eval/pq.py's PQ of the files predict writes with that config."""
+    from genpan.eval.pq import pq_compute
+    from genpan.eval.sweep import main as sweep_main
+    from genpan.prep.synthetic import categories, generate_split
+
+    root = tmp_path / "data"
+    generate_split(root, "val", 4, seed=3, progress=False)
+    cats = [{**c, "train_id": i} for i, c in enumerate(sorted(categories(), key=lambda c: c["id"]))]
+    ckpt = tiny_checkpoint(tmp_path / "final.pt", cats)
+    # a random model matches nothing: bias it towards the stuff class that covers most of the GT, so the
+    # scores have true and false positives to agree on
+    gt_json = root / "annotations" / "panoptic_val.json"
+    area: dict[int, int] = {}
+    for ann in json.loads(gt_json.read_text())["annotations"]:
+        for seg in ann["segments_info"]:
+            area[seg["category_id"]] = area.get(seg["category_id"], 0) + seg["area"]
+    stuff = max((c for c in cats if not c["isthing"]), key=lambda c: area.get(c["id"], 0))
+    payload = torch.load(ckpt, weights_only=True)
+    payload["model"]["heads.sem.proj.bias"][stuff["train_id"]] += 20.0
+    torch.save(payload, ckpt)
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(ckpt), "--coco-root", str(root), "--split", "val", "--out", str(out),
+                 "--size", "56", "--save-raw", "--no-progress"]) == 0
+    files_pq = pq_compute(gt_json, None, out / "panoptic_val.json", None, progress=False).summary()["All"]["pq"]
+    assert sweep_main(["--outputs", str(out / "raw_val"), "--gt-json", str(gt_json), "--out", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert files_pq > 0 and rows[0]["pq"] == files_pq

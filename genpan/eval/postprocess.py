@@ -460,3 +460,21 @@ def ideal_outputs(
 
 def _as_tensor(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def resize_id_map(pan: np.ndarray, segments: list[dict[str, Any]], size: tuple[int, int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """An id map resized to `size` = (H, W) by nearest neighbour at pixel centres (output pixel y samples
+    source row floor((y + 0.5)·h/H)), areas and boxes recomputed, segments that vanish dropped.
+
+    The one resize between the model's output grid and the image: predict writes these maps and the
+    sweep scores them, so a sweep's best config scores exactly what predict writes."""
+    if pan.shape != tuple(size):
+        H, W = size
+        h, w = pan.shape
+        rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
+        cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
+        pan = pan[rows[:, None], cols[None, :]]
+    kept = [{**seg, "area": int(st.area), "bbox": [int(v) for v in st.bbox]}
+            for seg, st in zip(segments, segment_stats(pan, [s["id"] for s in segments])) if st.area > 0]
+    return pan, kept
+

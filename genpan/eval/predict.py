@@ -59,11 +59,10 @@ from tqdm import tqdm
 from genpan.atomic import atomic_write_bytes, atomic_write_text
 from genpan.coco_panoptic import encode_panoptic_png, load_panoptic_json
 from genpan.config import from_dict, load_config, to_dict
-from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess
+from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess, resize_id_map
 from genpan.labels import pe_target
 from genpan.prep.readers.base import contiguous_train_ids
 from genpan.prep.readers.image_header import image_info
-from genpan.prep.targets import segment_stats
 from genpan.train.checkpoint import read_checkpoint
 from genpan.train.model import ModelConfig, PanopticModel, build_model
 
@@ -459,20 +458,6 @@ def predict_sliding(backend: Backend, img: np.ndarray, window: int, overlap: flo
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def resize_segments(pan: np.ndarray, segments: list[dict[str, Any]], size: tuple[int, int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Id map resized (nearest) to `size` = (H, W); areas and boxes recomputed, vanished segments dropped."""
-    if pan.shape != size:
-        pan = cv2.resize(pan.astype(np.int32), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-    kept = []
-    for seg, st in zip(segments, segment_stats(pan, [s["id"] for s in segments])):
-        if st.area > 0:
-            kept.append({**seg, "area": int(st.area), "bbox": [int(v) for v in st.bbox]})
-    ids = {s["id"] for s in kept}
-    if len(ids) != len(segments):
-        pan = np.where(np.isin(pan, list(ids)), pan, 0).astype(np.int32)
-    return pan, kept
-
-
 def depth_png_mm(depth01: np.ndarray, size: tuple[int, int], depth_max_m: float) -> bytes:
     depth = cv2.resize(depth01.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
     mm = np.clip(np.round(depth * depth_max_m * 1000.0), 0, 65535).astype(np.uint16)
@@ -567,7 +552,7 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     def finish(index: int, item: Item, orig: tuple[int, int], out: dict[str, np.ndarray]) -> None:
         nonlocal predicted
         pan, segments = postprocess(out["sem"], out["inst"], t2c, things, s.postprocess)
-        pan, segments = resize_segments(pan, segments, orig)
+        pan, segments = resize_id_map(pan, segments, orig)
         atomic_write_bytes(pan_dir / item.file_name, encode_panoptic_png(pan))
         if "depth" in out:
             atomic_write_bytes(depth_dir / item.file_name, depth_png_mm(out["depth"][0], orig, s.depth_max))

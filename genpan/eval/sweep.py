@@ -35,16 +35,17 @@ from tqdm import tqdm
 from genpan.atomic import atomic_write_text
 from genpan.coco_panoptic import load_panoptic_json, read_panoptic_png
 from genpan.config import dump_toml, from_dict, load_config, parse_override, to_dict
-from genpan.eval.postprocess import PostprocessConfig, ideal_outputs, postprocess
+from genpan.eval.postprocess import PostprocessConfig, ideal_outputs, postprocess, resize_id_map
 from genpan.prep.readers.base import contiguous_train_ids
-from genpan.prep.targets import segment_stats
 
 # ------------------------------------------------------------------------------------ raw outputs
 
 
-def save_outputs(path: str | Path, image_id: Any, sem: np.ndarray, inst: np.ndarray, train_to_category: Sequence[int] | None = None) -> Path:
-    """Write one image's raw outputs in the sweep's `.npz` format (float16 halves the size)."""
-    arrays: dict[str, Any] = {"sem": np.asarray(sem, np.float16), "inst": np.asarray(inst, np.float16), "image_id": np.asarray(image_id)}
+def save_outputs(path: str | Path, image_id: Any, sem: np.ndarray, inst: np.ndarray, train_to_category: Sequence[int] | None = None,
+                 dtype: Any = np.float32) -> Path:
+    """Write one image's raw outputs in the sweep's `.npz` format. float32 (the default) keeps the values
+    post-processing saw, so the sweep scores exactly the maps predict writes; float16 halves the size."""
+    arrays: dict[str, Any] = {"sem": np.asarray(sem, dtype), "inst": np.asarray(inst, dtype), "image_id": np.asarray(image_id)}
     if train_to_category is not None:
         arrays["train_to_category"] = np.asarray(train_to_category, np.int64)
     path = Path(path)
@@ -157,23 +158,6 @@ class GTImage:
     segments: list[dict]
 
 
-def resize_ids(pan: np.ndarray, segments: list[dict], size: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
-    """Nearest-neighbour resize of an id map (pixel centres), with areas and bboxes recomputed and
-    segments that vanish dropped."""
-    if pan.shape == size:
-        return pan, segments
-    H, W = size
-    h, w = pan.shape
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
-    out = pan[rows[:, None], cols[None, :]]
-    kept = []
-    for seg, st in zip(segments, segment_stats(out, [s["id"] for s in segments])):
-        if st.area:
-            kept.append({**seg, "area": st.area, "bbox": list(st.bbox)})
-    return out, kept
-
-
 def run_sweep(
     images: Iterator[tuple[GTImage, RawOutputs]],
     configs: Sequence[tuple[dict[str, Any], PostprocessConfig]],
@@ -196,7 +180,7 @@ def run_sweep(
         image_ids.append(gt.image_id)
         for k, (_, cfg) in enumerate(configs):
             pred, segs = postprocess(raw.sem, raw.inst, t2c, thing_train, cfg)
-            pred, segs = resize_ids(pred, segs, gt.pan_ids.shape)
+            pred, segs = resize_id_map(pred, segs, gt.pan_ids.shape)
             stats[k].append(scorer.image(gt.pan_ids, gt.segments, pred, segs, gt.name))
     rows = [{"params": overrides, "config": to_dict(cfg), **scorer.summary(image_ids, s)} for (overrides, cfg), s in zip(configs, stats)]
     rows.sort(key=lambda r: -r["pq"])  # stable: ties keep grid order
