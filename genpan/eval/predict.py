@@ -59,6 +59,7 @@ from tqdm import tqdm
 from genpan.atomic import atomic_write_bytes, atomic_write_text
 from genpan.coco_panoptic import encode_panoptic_png, load_panoptic_json
 from genpan.config import from_dict, load_config, to_dict
+from genpan.eval.overlays import overlay_picture, write_png
 from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess, resize_id_map
 from genpan.labels import pe_target
 from genpan.prep.readers.base import contiguous_train_ids
@@ -481,6 +482,7 @@ class Settings:
     progress: bool = True
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     strict: bool = False  # stop at the first unreadable input instead of skipping it
+    overlays: bool = False  # also write overlay_{name}/*.png: the photo with its segmentation over it
     force: bool = False  # redo images a previous run already predicted
 
 
@@ -495,7 +497,7 @@ class PredictionRun:
 def _run_fingerprint(meta: InferenceMeta, s: Settings) -> str:
     """What decides an image's outputs: a run resumes only over outputs made with the same."""
     keys = {"model": meta.source, "mode": s.mode, "size": s.size, "slide_short_side": s.slide_short_side, "overlap": s.overlap,
-            "depth_max": s.depth_max, "save_raw": s.save_raw, "postprocess": to_dict(s.postprocess)}
+            "depth_max": s.depth_max, "save_raw": s.save_raw, "overlays": s.overlays, "postprocess": to_dict(s.postprocess)}
     return json.dumps(keys, sort_keys=True, default=str)
 
 
@@ -541,6 +543,7 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     json_path.unlink(missing_ok=True)  # until this run's JSON is written, none: never a stale one beside new PNGs
     pan_dir.mkdir(parents=True, exist_ok=True)
     t2c, things = meta.train_to_category, meta.thing_train_ids
+    names = {int(c["id"]): str(c["name"]) for c in meta.categories}
     done = {i for i, item in enumerate(source.items) if _state_file(state, item).is_file()}
     todo = [(i, item) for i, item in enumerate(source.items) if i not in done]
     skipped: list[dict[str, str]] = []
@@ -561,6 +564,11 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
 
             raw_dir.mkdir(parents=True, exist_ok=True)
             save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, out["sem"], out["inst"], t2c)
+        if s.overlays:
+            depth = None
+            if "depth" in out:
+                depth = cv2.resize(out["depth"][0].astype(np.float32), (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)
+            write_png(s.out / f"overlay_{s.name}" / item.file_name, overlay_picture(read_rgb(item.path), (pan, segments), names, None, depth))
         record = {"annotation": {"image_id": item.image_id, "file_name": item.file_name, "segments_info": segments},
                   "image": {"id": item.image_id, "file_name": Path(item.path.split("::")[-1]).name, "height": orig[0], "width": orig[1]}}
         atomic_write_text(_state_file(state, item), json.dumps(record))  # last: the image counts as done only now
@@ -645,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, required=True, help="output folder (created)")
     out.add_argument("--name", help="output name: panoptic_{name}.json (default: the split name, else 'pred')")
     out.add_argument("--save-raw", action="store_true", help="also write raw_{name}/*.npz (sem, inst) for eval/sweep.py")
+    out.add_argument("--overlays", action="store_true", help="also write overlay_{name}/*.png: each photo with its segmentation, outlines and a legend")
     out.add_argument("--strict", action="store_true", help="stop at the first unreadable input (default: skip it, list it in skipped.json, exit 3)")
     out.add_argument("--force", action="store_true", help="predict again the images an earlier run in --out already finished")
     out.add_argument("--depth-max", type=float, default=10.0,
@@ -695,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, meta = open_backend(args.backend, args.checkpoint, args.artefact, args.device, categories, args.bf16, args.threads)
         post = load_config(PostprocessConfig, args.postprocess_config) if args.postprocess_config else PostprocessConfig()
         settings = Settings(args.out, args.name or source.name, args.mode, args.size, args.slide_short_side, args.overlap,
-                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post, args.strict, args.force)
+                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post, args.strict, args.force, args.overlays)
         run = run_prediction(backend, meta, source, settings)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
