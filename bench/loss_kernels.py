@@ -4,7 +4,8 @@ For each case (instance PE+TV at the stage-1 shape 1024×16×160² and the stage
 semantic CE+TV at 16×133×576²) it measures forward+backward time (median of CUDA-event timings),
 the peak memory above the inputs during one forward+backward, and the fused kernels' achieved
 bandwidth = bytes they must move / time, as a fraction of the device's peak (a table by device name,
-or --peak-gbs). It prints the issue's goals and ends with `RESULT <metric>=<value>` lines.
+or --peak-gbs). It prints the goals (≥3× eager, ≥1.3× compile, ≥70 % of peak
+bandwidth, extra memory ≤ ¼ eager) and ends with `RESULT <metric>=<value>` lines.
 
 Bytes counted for the fused path (the floor for an unfused-free implementation): forward reads the
 prediction and the per-pixel targets once; backward reads them again and writes the gradient once

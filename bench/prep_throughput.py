@@ -7,9 +7,9 @@ prep   = `build_shards.run` on a local Ray with num_cpus=1 (planning, source has
          timed on a warm cluster (a first run into a scratch directory starts the worker).
 floor  = one core, no Ray: read the image bytes, read and decode the label PNG, encode the sample's output
          PNGs (sem/ins/dist, computed before the clock starts: no target computation is timed).
-         Also shown, the floor of the first version of this benchmark, which encoded plain casts of the id
-         map instead of the outputs: those compress like flat labels, while a real distance map costs
-         ~4x more to encode, so that floor understated the unavoidable work.
+         Also shown ("first version" in the output), a floor that encodes plain casts of the id map
+         instead of the outputs: those compress like flat labels, while a real distance map costs ~4x
+         more to encode, so that floor understates the unavoidable work.
 Each is timed --repeats times and the fastest counts (the machine may be shared).
 Also: prep with num_cpus=2 (scaling from 1 to 2 workers), a per-function breakdown of build_targets, and
 the two steps between the floor and prep, timed on the same samples:

@@ -1,4 +1,5 @@
-"""The embedded dataset: real COCO panoptic format, deterministic, and as hard as the issue asks."""
+"""The embedded dataset: real COCO panoptic format, deterministic, and as hard as specified
+(things down to ~8 px, touching and occluding instances, crowd, void)."""
 
 from __future__ import annotations
 
