@@ -1,7 +1,7 @@
 """Post-processing speed: ms per image at 480² output on CPU, against a baseline in the same run.
 
 Inputs are realistic in size and structure: a random panoptic map (stuff bands, ~20 thing instances
-that touch and occlude), its ideal outputs (eval.postprocess.ideal_outputs) with gaussian noise on
+that touch and occlude), its ideal outputs (genpan.eval.postprocess.ideal_outputs) with gaussian noise on
 the embeddings and the logits, C = 133 classes (COCO panoptic: 80 things, 53 stuff), L = 4.
 Baseline: the bare semantic argmax plus the embedding decode alone — the per-pixel work any
 post-processing must do; the ratio shows what grouping, NMS, voting and stuff filling add.

@@ -1,7 +1,7 @@
 """Benchmark: our PQ (eval/pq.py) against the COCO reference (panopticapi) on the same predictions.
 
 Writes a GT set and perturbed predictions (merged, split, shifted, dropped, re-classed and spurious
-segments; see eval/pq_synth.py) to a temporary folder, checks that our numbers equal the reference's
+segments; see genpan/eval/pq_synth.py) to a temporary folder, checks that our numbers equal the reference's
 to 1e-9, and times both at each process count. The reference picks its process count from
 `multiprocessing.cpu_count()` (one chunk of images per CPU, in a Pool); it is called through its
 public `pq_compute` with that function patched to return the count wanted. hotcoco (Rust, same API)

@@ -6,7 +6,7 @@
 1. images/s of one full training step (forward, all losses, backward, AdamW) for ViT-S at 224² on the CPU
    and, when CUDA is present, ViT-L at 280² under bf16 autocast with model FLOPs utilisation
    (FLOPs counted by torch.utils.flop_counter over forward + backward, against the GPU's dense bf16 peak).
-2. the streaming loader's images/s (train/data.py: tar → shuffle → decode all fields → collate) against a
+2. the streaming loader's images/s (genpan/train/data.py: tar → shuffle → decode all fields → collate) against a
    bare loop that only decodes the JPEGs of the same shards in one process; the ratio is the last line:
    RESULT loader_over_decode=<ratio>   (goal ≥ 0.9: the loader costs no more than the decode itself).
 """
@@ -104,7 +104,7 @@ def _process_cpu_s(pid: int) -> float:
 
 
 def full_decode(urls: list[str]) -> float:
-    """images/s of decoding every field (train/data.decode_sample) in one process, no pipeline."""
+    """images/s of decoding every field (genpan.train.data.decode_sample) in one process, no pipeline."""
     import webdataset as wds
 
     from genpan.train.data import decode_sample

@@ -1,4 +1,4 @@
-"""Streaming loader and on-device augmentation (train/data.py, train/augment.py)."""
+"""Streaming loader and on-device augmentation (genpan/train/data.py, genpan/train/augment.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 
 def write_synthetic_shards(root: Path, num_images: int, per_shard: int, min_size: int, max_size: int, seed: int = 0) -> Path:
-    """Synthetic scenes → shards with the real shard writer (prep/shards.py); returns the shard folder."""
+    """Synthetic scenes → shards with the real shard writer (genpan/prep/shards.py); returns the shard folder."""
     data_root = root / "synthetic"
     generate_split(data_root, "train", num_images, seed, SceneConfig(min_size=min_size, max_size=max_size), progress=False)
     reader = make_reader("synthetic", root=data_root, split="train")
@@ -193,7 +193,7 @@ def test_batches_consumed_by_worker_matches_round_robin():
 
 def _raw_sample(key: str, image: np.ndarray, sem: np.ndarray, ins: np.ndarray, dist_half_px: np.ndarray,
                 crowd: list[bool], disp: np.ndarray | None = None, image_format: str = "png") -> dict:
-    """A sample as a shard stores it (prep/shards.py encoders), the image as a lossless PNG by default."""
+    """A sample as a shard stores it (genpan/prep/shards.py encoders), the image as a lossless PNG by default."""
     segments = [{"ins": k, "iscrowd": int(flag)} for k, flag in enumerate(crowd) if k > 0]
     raw = {"__key__": key, "__url__": "test.tar", image_format: cv2.imencode(f".{image_format}", image[..., ::-1])[1].tobytes(),
            "sem.png": encode_png(sem, 1), "ins.png": encode_png(ins.astype(np.uint16), 1),

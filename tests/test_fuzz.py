@@ -236,7 +236,7 @@ def test_malformed_pq_json_gives_an_error_naming_the_file(tmp_path: Path, case: 
     assert "pred.json" in str(info.value) or "im0.png" in str(info.value)
 
 
-# -- the training loader's sample decode (train/data.py) ----------------------------------------------------
+# -- the training loader's sample decode (genpan/train/data.py) ----------------------------------------------------
 LOADER_JUNK = st.one_of(JUNK, st.dictionaries(st.sampled_from(["ins", "iscrowd", "dist_scale"]), JUNK, max_size=2))
 
 

@@ -1,4 +1,4 @@
-"""PQ by object size (eval/pq_buckets.py) and the report writer (eval/report.py, eval/plots.py)."""
+"""PQ by object size (genpan/eval/pq_buckets.py) and the report writer (genpan/eval/report.py, genpan/eval/plots.py)."""
 
 from __future__ import annotations
 

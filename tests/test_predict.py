@@ -215,7 +215,7 @@ def test_cli_on_shards_reads_images_and_category_table(tmp_path):
 
 
 def test_inference_loader_verifies_checksums(tmp_path):
-    """predict and export read checkpoints through train/checkpoint.py's loader, which checks the sha256 first."""
+    """predict and export read checkpoints through genpan/train/checkpoint.py's read_checkpoint, which checks the sha256 first."""
     from genpan.train.checkpoint import SHARED_NAME, write_with_checksum
 
     data = tiny_checkpoint(tmp_path / "plain.pt", CATEGORIES).read_bytes()

@@ -1,4 +1,4 @@
-"""train/tar_samples.py gives exactly the samples webdataset's own tar reader gives."""
+"""genpan/train/tar_samples.py gives exactly the samples webdataset's own tar reader gives."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lean trainer (train/trainer.py, train/main.py, train/schedule.py, train/config.py)."""
+"""The lean trainer (genpan/train/trainer.py, genpan/train/main.py, genpan/train/schedule.py, genpan/train/config.py)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ nearest instance code, G + G argmin) and `depth` (B, h, w). Beside each artefact
 the model config, the category table (train id → category id, isthing) and the output names, which
 `eval/predict.py --backend export|onnx --artefact ...` reads.
 
-The DINOv2 position-table resize is re-expressed as two bicubic interpolation matrices (eval/exported.py), so the
-programs carry no guard on the image size; eval/exported.py explains why the eager module would specialise.
+The DINOv2 position-table resize is re-expressed as two bicubic interpolation matrices (genpan/eval/exported.py), so the
+programs carry no guard on the image size; genpan/eval/exported.py explains why the eager module would specialise.
 DINOv3's RoPE tables are computed in the graph from `arange` of the symbolic patch grid, with no branch on it.
 """
 

@@ -15,8 +15,8 @@ DINOv3 needs no replacement: its RoPE sin/cos come from `arange` over the symbol
 Everything is ordinary tensor algebra, so it exports to `torch.export` and to ONNX (opset ≥ 17).
 
 `ExportPredictor(model, decode_grid=G)` optionally appends the uv-grid decode of paper 5.1 (the G + G argmin of
-`eval.postprocess.decode_embeddings`): the artefact then returns per-pixel semantic ids, instance cell ids
-(v_idx·G + u_idx, the row-major cell index `eval.postprocess` groups by) and depth.
+`genpan.eval.postprocess.decode_embeddings`): the artefact then returns per-pixel semantic ids, instance cell ids
+(v_idx·G + u_idx, the row-major cell index `genpan.eval.postprocess` groups by) and depth.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Panoptic post-processing: semantic logits + instance embeddings → COCO panoptic id map (paper 5.1).
 
 The model predicts, per pixel, the spectral code concat(γ(u), γ(v)) of its instance centroid (paper
-eq. 2-3, `prep.targets.pe_target`), and 0 for void/stuff. Post-processing:
+eq. 2-3, `genpan.labels.pe_target`), and 0 for void/stuff. Post-processing:
 
 1. decode: each embedding goes to the nearest point of a G×G grid of centroids. Every grid code has
    ‖γ(u_a)‖² = ‖γ(v_b)‖² = L, so ‖e − [γ(u_a), γ(v_b)]‖² = (‖e_u‖² − 2 e_u·γ(u_a) + L)

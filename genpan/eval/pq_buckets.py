@@ -5,7 +5,7 @@ Definition. Bucket edges e_1 < … < e_{k−1} (pixels) cut areas into k half-op
   - a TP and an FN belong to the bucket of the GT segment's area (the object's true size);
   - an FP belongs to the bucket of the predicted segment's area (it has no GT object);
   - TP, FP, FN come from the ordinary image-level matching: bucketing never changes a match.
-Per bucket: PQ/SQ/RQ per thing category as in `eval/pq.py`, averaged over the thing categories with
+Per bucket: PQ/SQ/RQ per thing category as in `genpan/eval/pq.py`, averaged over the thing categories with
 TP + FP + FN > 0 in that bucket; `mean_iou` is the mean IoU over the bucket's matched (TP) segments,
 pooled over categories (the IoU improvement of Figure 5); `gt_mean_iou` also counts each FN as IoU 0
 (the mean IoU of GT objects).

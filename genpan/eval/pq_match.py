@@ -1,4 +1,4 @@
-"""Per-image PQ matching on in-memory id maps: the core of `eval/pq.py` (definition in its docstring).
+"""Per-image PQ matching on in-memory id maps: the core of `genpan/eval/pq.py` (definition in its docstring).
 
 `pq_image(gt_ids, gt_segments, pred_ids, pred_segments, categories)` validates one image the way the
 COCO reference does (plus the GT side), matches segments and returns per-category TP/FP/FN/ΣIoU and
@@ -160,7 +160,7 @@ def pq_image(
     categories: CategoryTable | Sequence[Mapping[str, Any]],
     name: str = "image",
 ) -> ImageStats:
-    """Match one image's prediction against its GT (definition: `eval/pq.py` docstring).
+    """Match one image's prediction against its GT (definition: `genpan/eval/pq.py` docstring).
 
     `gt_ids` / `pred_ids`: (H, W) integer segment-id maps, 0 = void; `*_segments`: the COCO
     `segments_info` lists (dicts with id, category_id, optional iscrowd and area). `name` prefixes every

@@ -5,7 +5,7 @@ Raw model outputs are one `.npz` per image (written by `save_outputs`, used by t
     inst               (4L, h, w) float16/32 instance embeddings
     image_id           the GT JSON's image_id (int or str)
     train_to_category  optional (C,) int: category id of each train id; default: the GT categories
-                       sorted by id (prep.readers.base.contiguous_train_ids, the training convention)
+                       sorted by id (genpan.prep.readers.base.contiguous_train_ids, the training convention)
 Outputs at a resolution other than the GT's are post-processed as they are and the id map is
 resized to the GT size (nearest neighbour) before scoring.
 
@@ -91,7 +91,7 @@ class Scorer(Protocol):
 
 
 class PQScorer:
-    """Adapter to `eval.pq_match.pq_image` / `eval.pq.PQResult`: the COCO PQ definition."""
+    """Adapter to `genpan.eval.pq_match.pq_image` / `genpan.eval.pq.PQResult`: the COCO PQ definition."""
 
     def __init__(self, categories: Sequence[Mapping[str, Any]]) -> None:
         from genpan.eval.pq_match import CategoryTable

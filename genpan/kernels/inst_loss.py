@@ -1,6 +1,6 @@
 """Fused instance PE loss + EDS weight + TV (paper eq. 1-5 and 10), forward and backward in Triton.
 
-Same numbers as `train.losses.inst_pe_tv` (the definition); this is the fast path for CUDA tensors.
+Same numbers as `genpan.train.losses.inst_pe_tv` (the definition); this is the fast path for CUDA tensors.
 A program owns a tile of BLOCK consecutive pixels (row-major) of one image. It builds the target
 concat(γ(u), γ(v)) in registers (eq. 2-3, void = 0), the EDS weight from the boundary distance
 (eq. 5, crowd weight 0), the per-pixel loss ½(‖Δ_u‖ + ‖Δ_v‖) (eq. 4) and the euclidean TV of the pairs
@@ -241,6 +241,6 @@ def fused_inst_pe_tv(
     D: float,
     wmin: float,
 ) -> tuple[Tensor, Tensor]:
-    """Drop-in for `train.losses.inst_pe_tv`: (EDS-weighted PE loss eq. 1-5, euclidean TV eq. 10)."""
+    """Drop-in for `genpan.train.losses.inst_pe_tv`: (EDS-weighted PE loss eq. 1-5, euclidean TV eq. 10)."""
     pe, tv = FusedInstPETV.apply(pred, u, v, valid, ignore, dist, num_harmonics, D, wmin)
     return pe, tv

@@ -1,6 +1,6 @@
 """Fused semantic loss: EDS-weighted cross-entropy (eq. 1, 5; ignore 255) + TV on probabilities (eq. 11).
 
-Same numbers as `train.losses.sem_ce_tv` (the definition); this is the fast path for CUDA tensors.
+Same numbers as `genpan.train.losses.sem_ce_tv` (the definition); this is the fast path for CUDA tensors.
 A program owns BLOCK_P consecutive pixels of one image and walks the C classes in chunks of BLOCK_C
 with an online softmax (running max, rescaled sums), so each logit is read once per pass.
 
@@ -196,6 +196,6 @@ class FusedSemCETV(torch.autograd.Function):
 
 
 def fused_sem_ce_tv(logits: Tensor, labels: Tensor, dist: Tensor, D: float, wmin: float) -> tuple[Tensor, Tensor]:
-    """Drop-in for `train.losses.sem_ce_tv`: (EDS-weighted CE eq. 1/5, TV on probabilities eq. 11)."""
+    """Drop-in for `genpan.train.losses.sem_ce_tv`: (EDS-weighted CE eq. 1/5, TV on probabilities eq. 11)."""
     ce, tv = FusedSemCETV.apply(logits, labels, dist, D, wmin)
     return ce, tv

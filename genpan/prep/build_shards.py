@@ -132,7 +132,7 @@ def shard_params(cfg: PrepConfig, teacher_identity: str) -> ShardParams:
 
 # -- readers ----------------------------------------------------------------------------------------------
 def make_reader_from_config(data: DataConfig) -> Reader:
-    """`prep.readers.make_reader(kind, root=, split=, **options)`; COCO layouts also without the registry."""
+    """`genpan.prep.readers.make_reader(kind, root=, split=, **options)`; COCO layouts also without the registry."""
     try:
         from genpan.prep.readers import make_reader  # type: ignore[attr-defined]
     except ImportError:

@@ -3,7 +3,7 @@
 One affine map per image takes output pixels to source pixels; `F.grid_sample` applies it to the image
 (bilinear), the depth (bilinear) and the label maps (nearest) in one batched call each, so images of
 different sizes and different random scales share one kernel launch and no Python loop runs per image.
-Conventions (prep/targets.py): pixel centres at x + 0.5, centroid u = 2(x + 0.5)/w − 1 from columns.
+Conventions (genpan/labels.py): pixel centres at x + 0.5, centroid u = 2(x + 0.5)/w − 1 from columns.
 
 For output pixel column j (edge coordinates, j + 0.5 at its centre) of an output W pixels wide:
     scaled x  = j + 0.5 + offset_x               (offset: the crop window's left edge in the scaled image)
@@ -153,7 +153,7 @@ def augment_batch(
     batch: image (B, 3, Hc, Wc) uint8, sem (B, Hc, Wc) uint8, ins (B, Hc, Wc) int16, dist (B, Hc, Wc) int16
     (dist.png units), size (B, 2) long, crowd (B, K) bool (crowd flag per instance index, 0 = none),
     optional depth / disp (B, Hc, Wc) float with depth_valid (B, Hc, Wc) bool.
-    Returns the images (B, 3, H, W) float in [0, 1] and the loss targets at h = 8·H/p (train/losses.py names).
+    Returns the images (B, 3, H, W) float in [0, 1] and the loss targets at h = 8·H/p (genpan/train/losses.py names).
     """
     device = batch["image"].device
     canvas_hw = tuple(batch["image"].shape[-2:])

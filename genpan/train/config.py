@@ -2,8 +2,8 @@
 
     cfg = load_train_config("train/configs/tiny_cpu.toml", ["--optim.lr=1e-3"])
 
-Sections: top-level `tasks`, [model] (train/model ModelConfig), [data] (train/data DataConfig), [loss]
-(train/losses LossConfig), [optim], [schedule], [run].
+Sections: top-level `tasks`, [model] (genpan.train.model ModelConfig), [data] (genpan.train.data DataConfig), [loss]
+(genpan.train.losses LossConfig), [optim], [schedule], [run].
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     cfg = DataConfig(shards="data/shards/synthetic/train", micro_batch=8, size=[112, 112])
     stream = BatchStream(cfg, rank=0, world_size=1, seed=0)
     batch = to_device(next(stream), device)        # padded CPU batch → device
-    images, targets = augmenter(batch)             # train/augment.py, on the device
+    images, targets = augmenter(batch)             # genpan/train/augment.py, on the device
 
 Pipeline per DataLoader worker: shard source → tar → shuffle buffer → parse (sizes, json) → batch →
 decode every field straight into the batch buffer (OpenCV JPEG, genpan.png label maps).
@@ -14,7 +14,7 @@ decode every field straight into the batch buffer (OpenCV JPEG, genpan.png label
   the shards, read round after round in a reshuffled order; needs shards ≥ world size × workers.
 - Collation pads the variable-sized images of a batch to the batch maximum (void labels, zero image) and
   keeps each image's true size. No CPU resize: the random scale and crop happen on the training device
-  in one `grid_sample` per batch (train/augment.py), and resizing on the CPU first would resample twice.
+  in one `grid_sample` per batch (genpan/train/augment.py), and resizing on the CPU first would resample twice.
 - Hand-over (with workers): each worker writes its batches into a few shared-memory slots it reuses
   (`SlotPool`) and sends only keys, layout and slot number (the slot's descriptor once); the trainer maps
   each slot once (`SlotReceiver`). A slot is free again when the last tensor viewing its batch is freed,

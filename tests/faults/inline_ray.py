@@ -1,4 +1,4 @@
-"""An in-process stand-in for the part of the Ray API that `prep/build_shards.py` and `prep/depth_cache.py` use.
+"""An in-process stand-in for the part of the Ray API that `genpan/prep/build_shards.py` and `genpan/prep/depth_cache.py` use.
 
 Fault injection needs to kill the job at an exact point (the Nth tar member, the Nth cache write); with
 real Ray those writes happen in worker processes that a kill of the driver does not reach at a chosen

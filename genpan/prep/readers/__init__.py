@@ -1,4 +1,4 @@
-"""Dataset readers. Each yields one record type (prep.readers.base.Sample) or a SampleError.
+"""Dataset readers. Each yields one record type (genpan.prep.readers.base.Sample) or a SampleError.
 
     reader = make_reader("coco", json_path="coco/annotations/panoptic_val2017.json")
     for ref in reader.refs(): sample = reader.load(ref)

@@ -60,7 +60,7 @@ class ModelConfig:
     pos_embed_init / coord_features: off ("trunc_normal", False) for the paper's configs, whose pretrained
     DINOv2 already knows where each patch is; on ("sincos", True) when training from scratch, where a random
     learned position table leaves the instance head no way to read absolute position (it collapsed to the
-    void code in a measured tiny run; see train/model/decoder.py).
+    void code in a measured tiny run; see genpan/train/model/decoder.py).
     pixel_mean / pixel_std: ImageNet statistics on [0, 1] RGB, applied inside the model.
     """
 

@@ -3,7 +3,7 @@
 The interface follows `facebookresearch/dinov2` so users of the official backbone feel at home:
 
     vit = vit_large(patch_size=14, num_register_tokens=4)        # img_size=518, LayerScale 1.0
-    load_dinov2_checkpoint(vit, "dinov2_vitl14_reg4_pretrain.pth")   # train/model/checkpoint.py
+    load_dinov2_checkpoint(vit, "dinov2_vitl14_reg4_pretrain.pth")   # genpan/train/model/pretrained.py
     feats = vit.forward_features(x)                                # x_norm_{clstoken,regtokens,patchtokens}
     maps = vit.get_intermediate_layers(x, n=[4, 11, 17, 23], reshape=True, norm=True)  # (B, D, H/14, W/14)
 
