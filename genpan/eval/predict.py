@@ -704,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend, meta = open_backend(args.backend, args.checkpoint, args.artefact, args.device, categories, args.bf16, args.threads)
         post = load_config(PostprocessConfig, args.postprocess_config) if args.postprocess_config else PostprocessConfig()
         settings = Settings(args.out, args.name or source.name, args.mode, args.size, args.slide_short_side, args.overlap,
-                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post, args.strict, args.force, args.overlays)
+                            args.batch_size, args.depth_max, args.save_raw, not args.no_progress, post, strict=args.strict, force=args.force, overlays=args.overlays)
         run = run_prediction(backend, meta, source, settings)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
