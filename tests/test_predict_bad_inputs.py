@@ -107,3 +107,30 @@ def test_killed_run_completes_to_the_uninterrupted_json(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "from an earlier run" in resumed.stdout
     assert (killed / "panoptic_pred.json").read_text() == (whole / "panoptic_pred.json").read_text()
+
+
+def test_overlays_and_visualize_draw_every_image(tmp_path):
+    """predict --overlays and eval/visualize.py write one picture per predicted image: prediction over the
+    photo (and the ground truth beside it when given), a legend under it."""
+    from genpan.eval.visualize import main as visualize_main
+    from genpan.prep.synthetic import categories, generate_split
+
+    root = tmp_path / "data"
+    generate_split(root, "val", 3, seed=2, progress=False)
+    cats = [{**c, "train_id": i} for i, c in enumerate(sorted(categories(), key=lambda c: c["id"]))]
+    ckpt = tiny_checkpoint(tmp_path / "final.pt", cats)
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(ckpt), "--coco-root", str(root), "--split", "val", "--out", str(out),
+                 "--size", "56", "--overlays", "--no-progress"]) == 0
+    data = json.loads((out / "panoptic_val.json").read_text())
+    for ann, img in zip(data["annotations"], data["images"], strict=True):
+        picture = cv2.imread(str(out / "overlay_val" / ann["file_name"]))
+        assert picture is not None and picture.shape[1] == img["width"] and picture.shape[0] > img["height"]  # + title, legend
+    pictures = tmp_path / "pictures"
+    gt = root / "annotations" / "panoptic_val.json"
+    assert visualize_main(["--pred-json", str(out / "panoptic_val.json"), "--image-dir", str(root / "val"),
+                           "--gt-json", str(gt), "--out", str(pictures), "--no-progress"]) == 0
+    for ann, img in zip(data["annotations"], data["images"], strict=True):
+        side_by_side = cv2.imread(str(pictures / ann["file_name"]))
+        assert side_by_side.shape[1] == 2 * img["width"] + 4  # prediction | ground truth
+    assert visualize_main(["--pred-json", str(tmp_path / "none.json"), "--image-dir", str(root), "--out", str(pictures)]) == 2
