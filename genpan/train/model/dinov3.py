@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 from genpan.train.model.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from genpan.train.model.pretrained import load_state_dict_strictly, read_state_dict
+from genpan.train.model.vit import select_intermediate_layers
 
 NORMALIZE_COORDS = ("separate", "max", "min")
 
@@ -373,19 +374,7 @@ class DinoV3VisionTransformer(nn.Module):
         norm: bool = True,
     ) -> tuple:
         """As the official method: `n` an int takes the last n blocks, a sequence names 0-based blocks."""
-        indices = list(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else list(n)
-        outputs = self._block_outputs(x, indices)
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        outputs = [out[:, 1 + self.n_storage_tokens :] for out in outputs]
-        if reshape:
-            B, _, H, W = x.shape
-            h, w = H // self.patch_size, W // self.patch_size
-            outputs = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens, strict=True))
-        return tuple(outputs)
+        return select_intermediate_layers(self, x, n, reshape, return_class_token, norm, self.n_storage_tokens)
 
     def forward(self, x: Tensor, is_training: bool = False) -> Tensor | dict[str, Tensor | None]:
         features = self.forward_features(x)

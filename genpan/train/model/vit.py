@@ -229,23 +229,30 @@ class DinoVisionTransformer(nn.Module):
         Returns patch tokens (B, n_patches, D), or (B, D, H/p, W/p) with `reshape`; with `return_class_token`
         each entry is (patch tokens, class token).
         """
-        indices = list(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else list(n)
-        outputs = self._block_outputs(x, indices)
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        outputs = [out[:, 1 + self.num_register_tokens :] for out in outputs]
-        if reshape:
-            B, _, H, W = x.shape
-            h, w = H // self.patch_size, W // self.patch_size
-            outputs = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens, strict=True))
-        return tuple(outputs)
+        return select_intermediate_layers(self, x, n, reshape, return_class_token, norm, self.num_register_tokens)
 
     def forward(self, x: Tensor, is_training: bool = False) -> Tensor | dict[str, Tensor | None]:
         features = self.forward_features(x)
         return features if is_training else features["x_norm_clstoken"]
+
+
+def select_intermediate_layers(vit: nn.Module, x: Tensor, n: int | Sequence[int], reshape: bool, return_class_token: bool,
+                               norm: bool, n_extra_tokens: int) -> tuple:
+    """The official `get_intermediate_layers` of a DINO ViT: `n` an int takes the last n blocks, a sequence
+    names 0-based blocks; patch tokens follow the class token and `n_extra_tokens` register tokens."""
+    indices = list(range(vit.n_blocks - n, vit.n_blocks)) if isinstance(n, int) else list(n)
+    outputs = vit._block_outputs(x, indices)
+    if norm:
+        outputs = [vit.norm(out) for out in outputs]
+    class_tokens = [out[:, 0] for out in outputs]
+    outputs = [out[:, 1 + n_extra_tokens :] for out in outputs]
+    if reshape:
+        B, _, H, W = x.shape
+        h, w = H // vit.patch_size, W // vit.patch_size
+        outputs = [out.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+    if return_class_token:
+        return tuple(zip(outputs, class_tokens, strict=True))
+    return tuple(outputs)
 
 
 ARCHS: dict[str, dict] = {
