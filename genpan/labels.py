@@ -22,7 +22,7 @@ import numpy as np
 
 IGNORE = 255
 NO_INSTANCE = 0
-# dist.png stores round(min(d, clip) · scale); the scale is a shard parameter (json params.dist_scale).
+# dist.zst stores round(min(d, clip) · scale); the scale is a shard parameter (json params.dist_scale).
 # Default: half pixels up to 127.5 px in uint8. The EDS weight exp(-(s·d)²/D²) moves by at most
 # 0.043·s/4 for D = 20 over a quarter pixel, and past 127.5 px (·s ≥ 0.5) every weight is wmin for D ≤ 40;
 # a 16-bit 1/64 px map cost 2.7× the bytes and 2.4× the decode time at COCO sizes.
@@ -34,7 +34,7 @@ DIST_SCALE = 64  # the loader's batch unit (int16, 1/64 px), and the fixed scale
 
 
 def decode_distance(stored: Any, scale: int = DEFAULT_DIST_SCALE) -> Any:
-    """dist.png values → distance in px (numpy or torch)."""
+    """dist.zst values → distance in px (numpy or torch)."""
     if _is_torch(stored):
         return stored.float() / scale
     return np.asarray(stored, dtype=np.float32) / np.float32(scale)

@@ -35,6 +35,7 @@ from genpan.prep.shards import encode_disparity
 from genpan.prep.synthetic import generate_split
 from genpan.prep.targets import build_targets, encode_distance
 from genpan.prep.teachers import disparity_from_depth
+from shard_fields import stored_plane
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 32
@@ -94,10 +95,10 @@ def test_shards_hold_exactly_the_targets_and_a_second_run_is_a_noop(ray_address:
         assert isinstance(sample, Sample)
         t = build_targets(sample.pan_ids, sample.segments, train_id_of, things, 64.0)
         assert got["jpg"] == sample.image_bytes
-        assert np.array_equal(_decode(got["sem.png"]), t.sem)
-        assert np.array_equal(_decode(got["ins.png"]), t.ins)
-        assert np.array_equal(_decode(got["dist.png"]), encode_distance(t.dist, 64.0))
-        assert np.array_equal(_decode(got["disp.png"]), encode_disparity(disparity_from_depth(sample.depth_m)))
+        assert np.array_equal(stored_plane(got, "sem.zst"), t.sem)
+        assert np.array_equal(stored_plane(got, "ins.zst"), t.ins)
+        assert np.array_equal(stored_plane(got, "dist.zst"), encode_distance(t.dist, 64.0))
+        assert np.array_equal(stored_plane(got, "disp.zst"), encode_disparity(disparity_from_depth(sample.depth_m)))
         meta = json.loads(got["json"])
         assert meta["segments"] == t.segments and meta["params"]["dist_clip"] == 64.0
         seen.append(got["__key__"])
@@ -137,7 +138,7 @@ def test_editing_one_label_rebuilds_only_its_shard(ray_address: str, data: Path,
             assert after[name] == (mtime, content)  # untouched
     assert after[target][1] != before[target][1]
     got = next(g for g in wds.WebDataset(str(out / target), shardshuffle=False) if g["__key__"] == key)
-    assert _decode(got["sem.png"])[y, x] == _decode(got["sem.png"])[y, x + 1]
+    assert stored_plane(got, "sem.zst")[y, x] == stored_plane(got, "sem.zst")[y, x + 1]
 
 
 def test_bad_samples_are_quarantined_with_reasons_and_the_rest_land(

@@ -237,7 +237,7 @@ def test_malformed_pq_json_gives_an_error_naming_the_file(tmp_path: Path, case: 
 
 
 # -- the training loader's sample decode (genpan/train/data.py) ----------------------------------------------------
-LOADER_JUNK = st.one_of(JUNK, st.dictionaries(st.sampled_from(["ins", "iscrowd", "dist_scale"]), JUNK, max_size=2))
+LOADER_JUNK = st.one_of(JUNK, st.dictionaries(st.sampled_from(["ins", "iscrowd", "dist_scale", "dtype", "shape", "sem.zst"]), JUNK, max_size=2))
 
 
 @st.composite
@@ -252,7 +252,8 @@ def damaged_samples(draw: Any) -> dict[str, Any]:
     raw = _raw_sample("k0", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 9, (h, w), dtype=np.uint8),
                       rng.integers(0, 4, (h, w)), rng.integers(0, 256, (h, w), dtype=np.uint8), [False, False, False, True],
                       rng.integers(0, 65536, (h, w)).astype(np.uint16), image_kind)
-    for name in draw(st.lists(st.sampled_from([image_kind, "sem.png", "ins.png", "dist.png", "disp.png", "json"]), min_size=1, max_size=2)):
+    meta = json.loads(raw["json"])
+    for name in draw(st.lists(st.sampled_from([image_kind, "sem.zst", "ins.zst", "dist.zst", "disp.zst", "json"]), min_size=1, max_size=2)):
         data = raw[name]
         how = draw(st.sampled_from(["cut", "byte", "junk", "structure"] if name == "json" else ["cut", "byte", "junk"]))
         if not data:  # already cut to nothing by the first damage
@@ -265,8 +266,10 @@ def damaged_samples(draw: Any) -> dict[str, Any]:
         elif how == "junk":
             raw[name] = draw(st.binary(max_size=64))
         else:
-            doc = draw(st.one_of(LOADER_JUNK, st.fixed_dictionaries({"segments": st.lists(LOADER_JUNK, max_size=2)}),
-                                 st.fixed_dictionaries({"params": LOADER_JUNK})))
+            # junk in place of the whole json, or in one of its keys with the rest (and the prep version) intact
+            key = draw(st.sampled_from(["segments", "params", "planes", "height", "width"]))
+            junk = draw(st.one_of(LOADER_JUNK, st.lists(LOADER_JUNK, max_size=2)))
+            doc = draw(st.one_of(LOADER_JUNK, st.just({**meta, key: junk})))
             raw[name] = json.dumps(doc).encode()
     return raw
 

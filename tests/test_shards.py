@@ -33,6 +33,7 @@ from genpan.prep.shards import (
 from genpan.prep.synthetic import generate_split
 from genpan.prep.targets import build_targets, encode_distance
 from genpan.prep.teachers import disparity_from_depth
+from shard_fields import stored_plane
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,12 @@ def test_encoded_fields_match_the_target_functions(synth: Path) -> None:
         fields = encode_sample(s, reader.categories, params, disp, synth)
         t = build_targets(s.pan_ids, s.segments, train_id_of, things, 40.0)
         assert fields["jpg"] == Path(s.source_path).read_bytes()  # never re-encoded
-        assert np.array_equal(_decode(fields["sem.png"]), t.sem) and _decode(fields["sem.png"]).dtype == np.uint8
-        assert np.array_equal(_decode(fields["ins.png"]), t.ins) and _decode(fields["ins.png"]).dtype == np.uint16
-        assert np.array_equal(_decode(fields["dist.png"]), encode_distance(t.dist, 40.0))
+        assert np.array_equal(stored_plane(fields, "sem.zst"), t.sem) and stored_plane(fields, "sem.zst").dtype == np.uint8
+        assert np.array_equal(stored_plane(fields, "ins.zst"), t.ins) and stored_plane(fields, "ins.zst").dtype == np.uint16
+        assert np.array_equal(stored_plane(fields, "dist.zst"), encode_distance(t.dist, 40.0))
         depth_png = (synth / "depth_train" / f"{s.key}.png").read_bytes()
-        assert np.array_equal(_decode(fields["depth.png"]), _decode(depth_png))  # mm round-trips exactly
-        assert np.array_equal(_decode(fields["disp.png"]), encode_disparity(disp))
+        assert np.array_equal(stored_plane(fields, "depth.zst"), _decode(depth_png))  # mm round-trips exactly
+        assert np.array_equal(stored_plane(fields, "disp.zst"), encode_disparity(disp))
         meta = json.loads(fields["json"])
         assert meta["segments"] == t.segments
         assert meta["source_path"] == f"train/{s.key}.jpg"
@@ -82,7 +83,7 @@ def test_a_sample_without_panoptic_labels_keeps_image_and_depth(synth: Path) -> 
     s = samples[0]
     s.pan_ids, s.segments = None, []
     fields = encode_sample(s, [], ShardParams(teacher="ground-truth-depth/v1"), disparity_from_depth(s.depth_m), synth)
-    assert sorted(fields) == ["depth.png", "disp.png", "jpg", "json"]
+    assert sorted(fields) == ["depth.zst", "disp.zst", "jpg", "json"]
     meta = json.loads(fields["json"])
     assert meta["panoptic"] is False and meta["segments"] == []
 
@@ -93,7 +94,7 @@ def test_eds_weights_from_the_stored_distance_follow_any_d_and_wmin(synth: Path)
     s = samples[0]
     fields = encode_sample(s, reader.categories, ShardParams(), None, synth)
     assert "D" not in json.loads(fields["json"])["params"]
-    stored = decode_distance(_decode(fields["dist.png"]), DEFAULT_DIST_SCALE)
+    stored = decode_distance(stored_plane(fields, "dist.zst"), DEFAULT_DIST_SCALE)
     t = build_targets(s.pan_ids, s.segments, {c.id: c.train_id for c in reader.categories}, set(), ShardParams().dist_clip)
     for D, wmin in [(5.0, 0.0), (20.0, 0.1), (60.0, 0.5)]:
         exact = wmin + (1 - wmin) * np.exp(-(t.dist.astype(np.float64) ** 2) / D**2)  # eq. 5 on the exact distance
@@ -127,7 +128,7 @@ def test_tar_is_deterministic_and_readable_with_webdataset(synth: Path, tmp_path
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == "" for m in members)
-    assert [m.name for m in members[:6]] == [f"{samples[0].key}.{f}" for f in ("jpg", "sem.png", "ins.png", "dist.png", "depth.png", "json")]
+    assert [m.name for m in members[:6]] == [f"{samples[0].key}.{f}" for f in ("jpg", "sem.zst", "ins.zst", "dist.zst", "depth.zst", "json")]
     got = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False))
     assert [g["__key__"] for g in got] == [s.key for s in samples]
     for g, (_, fields) in zip(got, items):

@@ -18,6 +18,7 @@ from genpan.prep.readers.coco import coco_layout
 from genpan.prep.shards import encode_disparity
 from genpan.prep.synthetic import SceneConfig, generate_split
 from genpan.prep.teachers import GroundTruthDepthTeacher, network_input_shape
+from shard_fields import stored_plane
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,10 +146,10 @@ def test_teacher_stage_caches_and_resharding_never_reruns_it(ray_address: str, t
     assert manifest is not None and all(r.status == "ok" for r in manifest.samples)
     for shard in manifest.shards:
         for got in wds.WebDataset(str(tmp_path / "a" / shard.shard), shardshuffle=False):
-            stored = cv2.imdecode(np.frombuffer(got["disp.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            stored = stored_plane(got, "disp.zst")
             cached = cache.get(got["__key__"], teacher.identity)
             assert cached is not None and np.array_equal(stored, encode_disparity(cached))
-            assert np.array_equal(cv2.imdecode(np.frombuffer(got["depth.png"], np.uint8), cv2.IMREAD_UNCHANGED),
+            assert np.array_equal(stored_plane(got, "depth.zst"),
                                   cv2.imread(str(small_data / "depth_train" / f"{got['__key__']}.png"), cv2.IMREAD_UNCHANGED))
     logs.clear()
     run(cfg(5, tmp_path / "b"), log=logs.append)  # another sharding of the same images

@@ -221,10 +221,14 @@ def folder_source(root: Path) -> Source:
 
 def shard_source(spec: str) -> Source:
     from genpan.prep.shards import check_sample_key
-    from genpan.train.data import resolve_shards
+    from genpan.train.shard_urls import local_path, resolve_shards
 
     items, categories = [], []
     for url in resolve_shards(spec):
+        path = local_path(url)
+        if path is None:  # images are read back by member: a pipe or HTTP stream cannot seek
+            raise ValueError(f"--shards {spec}: predict reads local shards (a folder, pattern or file: URL), got {url}")
+        url = str(path)
         with tarfile.open(url) as tar:
             for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
                 key, _, ext = member.name.partition(".")

@@ -7,7 +7,7 @@ Compares every sample's source (image, label and depth content hashes, its JSON 
 prep parameters and prep version with the manifest; rebuilds the shards whose samples changed, were added
 or removed; deletes shards the new assignment no longer has. A run with nothing changed writes nothing and
 says so. EDS D and wmin are train-time settings and are not prep parameters, so changing them needs no run
-here; a stored parameter (shards.dist_clip, dist_scale, png_compression, the depth teacher) rebuilds what it affects.
+here; a stored parameter (shards.dist_clip, dist_scale, zstd_level, the depth teacher) rebuilds what it affects.
 
 Exit codes: 0 done (or nothing to do), 2 bad config/input, 3 another run holds the output's lock (this
 tick is skipped; the next one catches up). See jobs/crontab.example.

@@ -84,14 +84,14 @@ class ShardConfig:
     samples_per_shard: int = 64  # mean shard size (content-defined chunking; shards hold 1/4x..3x of it)
     prefix: str = "shard"  # shard files are {prefix}-{first key}.tar
     dist_clip: float = 127.5  # px, stored: a change rebuilds every shard (EDS D and wmin are train-time)
-    dist_scale: int = 2  # dist.png = round(min(d, dist_clip)·dist_scale): 1/2 px in uint8 (1, 2, 4, ..., 64)
-    png_compression: int = 1  # zlib level of sem/ins/dist/depth/disp PNGs (stored)
-    write_depth: bool = True  # depth.png (mm) when the reader gives metric depth
+    dist_scale: int = 2  # dist.zst = round(min(d, dist_clip)·dist_scale): 1/2 px in uint8 (1, 2, 4, ..., 64)
+    zstd_level: int = 3  # zstd level of the sem/ins/dist/depth/disp planes (1..22, stored)
+    write_depth: bool = True  # depth.zst (mm) when the reader gives metric depth
 
 
 @dataclass
 class TeacherConfig:
-    kind: str = "none"  # none | ground_truth | depth_anything_v2 (disp.png)
+    kind: str = "none"  # none | ground_truth | depth_anything_v2 (disp.zst)
     checkpoint: str = ""  # depth_anything_v2: local transformers checkpoint directory
     input_size: int = 518  # shorter side of the network input (multiple of 14 after rounding)
     batch_size: int = 8
@@ -126,7 +126,7 @@ class PrepConfig:
 
 
 def shard_params(cfg: PrepConfig, teacher_identity: str) -> ShardParams:
-    return ShardParams(cfg.shards.dist_clip, cfg.shards.png_compression, cfg.shards.write_depth, teacher_identity,
+    return ShardParams(cfg.shards.dist_clip, cfg.shards.zstd_level, cfg.shards.write_depth, teacher_identity,
                        cfg.shards.dist_scale)
 
 

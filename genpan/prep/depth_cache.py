@@ -1,7 +1,7 @@
 """Pseudo-label cache: teacher disparity per image in a zarr store, and the Ray Data stage that fills it.
 
 Layout: `{cache}.zarr/{teacher slug}/{sample key}` = uint16 array (H, W), round(disparity·65535), the
-encoding disp.png stores. The teacher group's attributes hold the full identity; each entry's attributes
+encoding disp.zst stores. The teacher group's attributes hold the full identity; each entry's attributes
 hold the hash of the image it was computed from and, written last, `complete = true`. An entry without
 the marker (a run killed mid-write) or with another image hash is treated as absent and recomputed, so a
 half-written entry is never read as valid. Keys are image ids and the group is the teacher identity:

@@ -1,13 +1,14 @@
 """Shard samples and deterministic WebDataset tar shards (the "Shard sample" contract, docs/architecture.md).
 
-One sample = the source image bytes untouched (`jpg` or `png`), `sem.png` (uint8 train ids, 255 = void),
-`ins.png` (uint16 instance index), `dist.png` (round(d·dist_scale), uint8 by default, d = px to the nearest
-segment boundary, clipped), optional `depth.png` (uint16 mm) and `disp.png` (uint16 disparity·65535),
-and `json` (key, size, source path and hashes, segment table, prep version, parameters, categories).
+One sample = the source image bytes untouched (`jpg` or `png`), the label planes as zstd-compressed raw
+arrays (genpan/planes.py): `sem.zst` (uint8 train ids, 255 = void), `ins.zst` (uint16 instance index),
+`dist.zst` (round(d·dist_scale), uint8 by default, d = px to the nearest segment boundary, clipped),
+optional `depth.zst` (uint16 mm) and `disp.zst` (uint16 disparity·65535); and `json` (key, size, the
+planes' dtype and shape, source path and hashes, segment table, prep version, parameters, categories).
 
 Determinism: tar members are written in a fixed order (samples sorted by key, fields in FIELD_ORDER)
-with mtime 0, uid/gid 0, empty owner names and mode 0644; PNGs are encoded with a fixed compression
-level. The same inputs and parameters therefore give byte-identical shards.
+with mtime 0, uid/gid 0, empty owner names and mode 0644; planes are compressed with a fixed zstd level
+on one thread. The same inputs, parameters and zstandard version therefore give byte-identical shards.
 
 Shard assignment (`assign_shards`) is content-defined chunking over the sorted keys: a shard ends after
 a key whose hash falls in a 1/samples_per_shard bucket (with a minimum and maximum size). The cut points
@@ -32,13 +33,15 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from genpan.labels import DEFAULT_DIST_CLIP, DEFAULT_DIST_SCALE
-from genpan.png import encode_gray_png
+from genpan.planes import DEFAULT_LEVEL, MAX_LEVEL, encode_plane
 from genpan.prep.readers.base import Category, Sample, canonical_json
 from genpan.prep.targets import build_targets, check_distance_storage, encode_distance
 
-PREP_VERSION = "2"  # bump when the bytes a shard holds for the same inputs change (2: dist.png scale/uint8)
-FIELD_ORDER = ("jpg", "png", "sem.png", "ins.png", "dist.png", "depth.png", "disp.png", "json")
-DISP_SCALE = 65535  # disp.png stores round(disparity·65535), disparity in [0, 1]
+# bump when the bytes a shard holds for the same inputs change (2: dist scale/uint8; 3: zstd planes, not PNG)
+PREP_VERSION = "3"
+PLANE_FIELDS = ("sem.zst", "ins.zst", "dist.zst", "depth.zst", "disp.zst")
+FIELD_ORDER = ("jpg", "png", *PLANE_FIELDS, "json")
+DISP_SCALE = 65535  # disp.zst stores round(disparity·65535), disparity in [0, 1]
 DEPTH_MM_MAX = 65535
 TMP_MARK = ".tmp-"  # temporary shard files: .{name}.tmp-{pid}
 
@@ -48,18 +51,18 @@ class ShardParams:
     """Everything besides the source files that decides a shard's bytes; stored in every sample's json."""
 
     dist_clip: float = DEFAULT_DIST_CLIP
-    png_compression: int = 1  # zlib level of the label PNGs; part of the byte-exact output
-    write_depth: bool = True  # depth.png when the reader gives metric depth
-    teacher: str = ""  # identity of the disparity teacher ("" = no disp.png)
-    dist_scale: int = DEFAULT_DIST_SCALE  # dist.png = round(min(d, dist_clip)·dist_scale); uint8 when ≤ 255
+    zstd_level: int = DEFAULT_LEVEL  # zstd level of the label planes; part of the byte-exact output
+    write_depth: bool = True  # depth.zst when the reader gives metric depth
+    teacher: str = ""  # identity of the disparity teacher ("" = no disp.zst)
+    dist_scale: int = DEFAULT_DIST_SCALE  # dist.zst = round(min(d, dist_clip)·dist_scale); uint8 when ≤ 255
 
     def __post_init__(self) -> None:
         try:
             check_distance_storage(self.dist_clip, self.dist_scale)
         except ValueError as exc:
             raise ValueError(f"shards.dist_clip / shards.dist_scale: {exc}") from None
-        if not 0 <= self.png_compression <= 9:
-            raise ValueError(f"shards.png_compression must be 0..9, got {self.png_compression}")
+        if not 1 <= self.zstd_level <= MAX_LEVEL:
+            raise ValueError(f"shards.zstd_level must be 1..{MAX_LEVEL}, got {self.zstd_level}")
 
     def stored(self) -> dict[str, Any]:
         return {**asdict(self), "disp_scale": DISP_SCALE}
@@ -77,11 +80,6 @@ def category_table(categories: Sequence[Category]) -> list[list[Any]]:
 
 
 # -- encoding one sample ------------------------------------------------------------------------------
-def encode_png(array: np.ndarray, compression: int) -> bytes:
-    """A label map (uint8/uint16, H × W) as PNG: filter None, zlib-ng deflate (genpan/png.py)."""
-    return encode_gray_png(np.ascontiguousarray(array), compression)
-
-
 def encode_depth_mm(depth_m: np.ndarray) -> np.ndarray:
     """Metric depth (m, 0 = none) → uint16 mm, saturating at 65.535 m."""
     return np.clip(np.rint(np.asarray(depth_m, np.float64) * 1000.0), 0, DEPTH_MM_MAX).astype(np.uint16)
@@ -108,30 +106,35 @@ def encode_sample(
     A sample without panoptic labels (NYUv2 depth, an image folder) has no sem/ins/dist fields and
     `"panoptic": false` in its json.
     """
-    level = params.png_compression
     fields: dict[str, bytes] = {sample.image_ext: sample.image_bytes}
+    planes: dict[str, dict[str, Any]] = {}
+
+    def add_plane(name: str, array: np.ndarray) -> None:
+        fields[name], planes[name] = encode_plane(array, params.zstd_level)
+
     segments: list[dict[str, Any]] = []
     if sample.pan_ids is not None:
         train_id_of = {c.id: c.train_id for c in categories}
         things = {c.id for c in categories if c.isthing}
         targets = build_targets(sample.pan_ids, sample.segments, train_id_of, things, params.dist_clip, sample.dense_index)
-        fields["sem.png"] = encode_png(targets.sem, level)
-        fields["ins.png"] = encode_png(targets.ins, level)
-        fields["dist.png"] = encode_png(encode_distance(targets.dist, params.dist_clip, params.dist_scale), level)
+        add_plane("sem.zst", targets.sem)
+        add_plane("ins.zst", targets.ins)
+        add_plane("dist.zst", encode_distance(targets.dist, params.dist_clip, params.dist_scale))
         segments = targets.segments
     if params.write_depth and sample.depth_m is not None:
-        fields["depth.png"] = encode_png(encode_depth_mm(sample.depth_m), level)
+        add_plane("depth.zst", encode_depth_mm(sample.depth_m))
     if params.teacher:
         if disparity is None:
             raise ValueError(f"no disparity from teacher {params.teacher}")
         if disparity.shape != (sample.height, sample.width):
             raise ValueError(f"teacher disparity is {disparity.shape}, image is {(sample.height, sample.width)}")
-        fields["disp.png"] = encode_png(encode_disparity(disparity), level)
+        add_plane("disp.zst", encode_disparity(disparity))
     meta = {
         "key": sample.key,
         "dataset": sample.dataset,
         "height": sample.height,
         "width": sample.width,
+        "planes": planes,
         "image_field": sample.image_ext,
         "source_path": relative_source(sample.source_path, source_root),
         "hashes": {

@@ -166,7 +166,7 @@ def check_distance_storage(clip: float, scale: int) -> None:
 
 
 def encode_distance(dist: np.ndarray, clip: float = DEFAULT_DIST_CLIP, scale: int = DEFAULT_DIST_SCALE) -> np.ndarray:
-    """Distance map → the values stored in dist.png: round(min(d, clip)·scale), uint8 when that fits."""
+    """Distance map → the values stored in dist.zst: round(min(d, clip)·scale), uint8 when that fits."""
     check_distance_storage(clip, scale)
     dtype = np.uint8 if clip * scale <= np.iinfo(np.uint8).max else np.uint16
     return np.rint(np.minimum(dist, clip) * scale).astype(dtype)

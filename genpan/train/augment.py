@@ -151,7 +151,7 @@ def augment_batch(
     """Apply `params` to a collated batch already on the training device.
 
     batch: image (B, 3, Hc, Wc) uint8, sem (B, Hc, Wc) uint8, ins (B, Hc, Wc) int16, dist (B, Hc, Wc) int16
-    (dist.png units), size (B, 2) long, crowd (B, K) bool (crowd flag per instance index, 0 = none),
+    (dist.zst units), size (B, 2) long, crowd (B, K) bool (crowd flag per instance index, 0 = none),
     optional depth / disp (B, Hc, Wc) float with depth_valid (B, Hc, Wc) bool.
     Returns the images (B, 3, H, W) float in [0, 1] and the loss targets at h = 8·H/p (genpan/train/losses.py names).
     """

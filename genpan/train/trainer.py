@@ -188,7 +188,7 @@ class Trainer:
         self.stream = BatchStream(cfg.data, self.dist.rank, self.dist.world_size, run.seed, pin_memory=self.device.type == "cuda")
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         self.total_steps, warmup = schedule_lengths(cfg, self.stream.epoch_size)
-        self.categories = shard_categories(resolve_shards(cfg.data.shards))
+        self.categories = shard_categories(self.stream.urls)
         check_num_classes(self.categories, cfg)
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
