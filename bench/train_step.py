@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 loader_ips, loader_cpu = max(loader_ips, rate), min(loader_cpu, cpu_per_image)
             fields_ips = full_decode(urls)
             print(f"bare JPEG decode: {decode_ips:.1f} images/s ({count} images, 1 process, best of {args.repeats})")
-            print(f"decode of every field (image + label PNGs + json), 1 process, no pipeline: {fields_ips:.1f} images/s")
+            print(f"decode of every field (image + zstd label planes + json), 1 process, no pipeline: {fields_ips:.1f} images/s")
             print(f"loader ({args.workers} workers, all fields + collate): {loader_ips:.1f} images/s")
             if 0 < loader_cpu < float("inf") and 0 < jpeg_cpu < float("inf"):  # CPU time hardly depends on the load
                 loader_ms, jpeg_ms = 1e3 * loader_cpu, 1e3 * jpeg_cpu
