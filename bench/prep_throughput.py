@@ -34,6 +34,7 @@ import numpy as np
 
 from genpan.coco_panoptic import decode_panoptic_png
 from genpan.eval.pq_synth import resave_with_pil
+from genpan.planes import encode_plane
 from genpan.prep.build_shards import (
     DataConfig,
     PrepConfig,
@@ -47,7 +48,6 @@ from genpan.prep.build_shards import (
 )
 from genpan.prep.readers.base import Sample
 from genpan.prep.readers.coco import coco_layout
-from genpan.planes import encode_plane
 from genpan.prep.shards import ShardParams
 from genpan.prep.synthetic import SceneConfig, generate_split
 from genpan.prep.targets import boundary_distance, build_targets, encode_distance, instance_map, segment_stats, semantic_map

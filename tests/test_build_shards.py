@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import webdataset as wds
+from shard_fields import stored_plane
 
 from genpan.coco_panoptic import encode_panoptic_png, read_panoptic_png
 from genpan.prep.build_shards import (
@@ -35,7 +36,6 @@ from genpan.prep.shards import encode_disparity
 from genpan.prep.synthetic import generate_split
 from genpan.prep.targets import build_targets, encode_distance
 from genpan.prep.teachers import disparity_from_depth
-from shard_fields import stored_plane
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 32

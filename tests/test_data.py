@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from genpan.labels import DIST_SCALE, IGNORE
-from genpan.prep.readers import make_reader
 from genpan.planes import decode_plane, encode_plane
+from genpan.prep.readers import make_reader
 from genpan.prep.shards import PREP_VERSION, ShardParams, encode_sample, write_tar
 from genpan.prep.synthetic import SceneConfig, generate_split
 from genpan.prep.teachers import disparity_from_depth
@@ -394,8 +394,8 @@ def test_older_shards_ask_for_a_prep_rerun_in_one_line(tmp_path):
 
 
 def test_decode_sample_int16_maps_and_instance_limit():
-    from genpan.train.samples import INT16_MAX
     from genpan.train.data import decode_sample
+    from genpan.train.samples import INT16_MAX
 
     rng = np.random.default_rng(4)
     ins = rng.integers(0, 3, (6, 5)).astype(np.uint16)

@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shard_fields import stored_plane
 
 from genpan.labels import DEFAULT_DIST_SCALE, decode_distance, eds_weight
 from genpan.prep.build_shards import build_shard
@@ -33,7 +34,6 @@ from genpan.prep.shards import (
 from genpan.prep.synthetic import generate_split
 from genpan.prep.targets import build_targets, encode_distance
 from genpan.prep.teachers import disparity_from_depth
-from shard_fields import stored_plane
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 import zarr
+from shard_fields import stored_plane
 
 from genpan.prep.build_shards import DataConfig, PrepConfig, RunConfig, ShardConfig, SyntheticConfig, TeacherConfig, run
 from genpan.prep.depth_cache import DepthCache, decode_rgb, fill_cache, teacher_slug
@@ -18,7 +19,6 @@ from genpan.prep.readers.coco import coco_layout
 from genpan.prep.shards import encode_disparity
 from genpan.prep.synthetic import SceneConfig, generate_split
 from genpan.prep.teachers import GroundTruthDepthTeacher, network_input_shape
-from shard_fields import stored_plane
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -192,8 +192,9 @@ class BatchStream:
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False) -> None:
         self.cfg, self.rank, self.world_size, self.seed, self.pin_memory = cfg, rank, world_size, seed, pin_memory
         self.urls = resolve_shards(cfg.shards)
-        # old shards fail here in one line, before any worker starts
-        check_prep_version(first_sample_meta(self.urls[0]), f"shard {self.urls[0]}")
+        # old shards fail here in one line, before any worker starts; the trainer reads the categories from it too
+        self.first_meta = first_sample_meta(self.urls[0])
+        check_prep_version(self.first_meta, f"shard {self.urls[0]}")
         self.epoch_size = cfg.epoch_size or count_samples(self.urls)
         workers = max(cfg.num_workers, 1)
         if not cfg.resampled and len(self.urls) < world_size * workers:

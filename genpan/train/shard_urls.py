@@ -127,4 +127,9 @@ def shard_categories(urls: list[str]) -> list[list[Any]]:
     Every sample of a shard set carries the same table (it is part of the prep parameter digest), so the
     first one speaks for all; [] when the shards hold none (e.g. depth-only NYUv2).
     """
-    return [list(c) for c in first_sample_meta(urls[0]).get("categories", [])]
+    return categories_of(first_sample_meta(urls[0]))
+
+
+def categories_of(meta: dict[str, Any]) -> list[list[Any]]:
+    """The category table of a sample json ([] when it holds none)."""
+    return [list(c) for c in meta.get("categories", [])]

@@ -38,10 +38,11 @@ from genpan.train.checkpoint import (
     write_with_checksum,
 )
 from genpan.train.config import TrainConfig
-from genpan.train.data import BatchStream, mix_seed, resolve_shards, shard_categories, to_device
+from genpan.train.data import BatchStream, mix_seed, to_device
 from genpan.train.losses import compute_losses
 from genpan.train.model import build_model, param_groups_layer_decay
 from genpan.train.schedule import WarmupCosine, build_scheduler
+from genpan.train.shard_urls import categories_of
 
 METRICS_NAME = "metrics.jsonl"
 FINAL_NAME = "final.pt"
@@ -188,7 +189,7 @@ class Trainer:
         self.stream = BatchStream(cfg.data, self.dist.rank, self.dist.world_size, run.seed, pin_memory=self.device.type == "cuda")
         self.accum = accumulation_steps(cfg, self.dist.world_size)
         self.total_steps, warmup = schedule_lengths(cfg, self.stream.epoch_size)
-        self.categories = shard_categories(self.stream.urls)
+        self.categories = categories_of(self.stream.first_meta)  # every sample carries the same table
         check_num_classes(self.categories, cfg)
 
         torch.manual_seed(run.seed)  # identical initial weights on every rank
