@@ -485,3 +485,70 @@ def test_damaged_sample_in_a_worker_gives_one_line_naming_it(tmp_path):
         next(BatchStream(cfg, seed=0))
     message = str(info.value)
     assert "\n" not in message and "sample k2" in message and "ins.zst" in message, message
+
+
+def test_buffer_ring_reuses_a_buffer_only_once_released():
+    """Worker side: a buffer is handed out again only after its flag went back to 0; with every buffer
+    taken the ring gives an untagged fresh one. Trainer side: the flag goes to 0 when the batch's last
+    view dies, not before."""
+    import gc
+
+    from genpan.train.batch_buffers import SLOT_KEY, BufferRing, new_flags, release_when_dropped
+
+    flags = new_flags(2, 2)
+    ring = BufferRing(flags, 1)
+    first = ring.allocate(1000)
+    assert ring.tag({})[SLOT_KEY] == (1, 0)
+    second = ring.allocate(1000)
+    assert ring.tag({})[SLOT_KEY] == (1, 1) and flags[1].tolist() == [1, 1]
+    fresh = ring.allocate(1000)
+    assert SLOT_KEY not in ring.tag({}) and fresh.untyped_storage().data_ptr() not in (
+        first.untyped_storage().data_ptr(), second.untyped_storage().data_ptr())
+    flags[1, 0] = 0
+    again = ring.allocate(900)  # fits the released buffer: the same memory
+    assert again.data_ptr() == first.data_ptr() and ring.tag({})[SLOT_KEY] == (1, 0)
+    flags[1, 1] = 0
+    bigger = ring.allocate(1 << 20)  # the free buffer is too small: replaced
+    assert bigger.numel() == 1 << 20 and ring.tag({})[SLOT_KEY] == (1, 1)
+
+    storage = torch.zeros(64, dtype=torch.uint8)
+    batch = release_when_dropped({"a": storage[:8], "b": storage[8:].view(torch.int16), SLOT_KEY: (0, 1)}, flags)
+    flags[0, 1] = 1
+    del storage
+    assert SLOT_KEY not in batch
+    a = batch.pop("a")
+    gc.collect()
+    assert flags[0, 1] == 1  # `b` is still alive
+    del batch
+    gc.collect()
+    assert flags[0, 1] == 1  # `a` still holds the storage
+    del a
+    gc.collect()
+    assert flags[0, 1] == 0
+
+
+def test_held_batches_stay_intact_while_the_workers_reuse_buffers(shards):
+    """Batches kept by the trainer (more of them than the workers have buffers) and batches dropped at
+    once (their buffers go round) all hold exactly their samples' decoded fields."""
+    from genpan.train.data import decode_sample, read_shards
+    from genpan.train.samples import wanted_fields
+
+    expected = {raw["__key__"]: decode_sample(raw)
+                for raw in read_shards(({"url": u} for u in resolve_shards(str(shards))), wanted_fields("none"))}
+    cfg = DataConfig(shards=str(shards), micro_batch=2, size=[56, 56], num_workers=2, shuffle_buffer=8, shuffle_initial=4,
+                     epoch_size=12)
+    stream = BatchStream(cfg, seed=1)
+    held = [next(stream) for _ in range(12)]
+    passing = []
+    for _ in range(24):
+        batch = next(stream)
+        passing.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        del batch
+    for batch in held + passing:
+        for i, key in enumerate(batch["key"]):
+            h, w = batch["size"][i].tolist()
+            want = expected[key]
+            np.testing.assert_array_equal(batch["image"][i, :, :h, :w].numpy(), want["image"].transpose(2, 0, 1))
+            for name in ("sem", "ins", "dist"):
+                np.testing.assert_array_equal(batch[name][i, :h, :w].numpy(), want[name], err_msg=f"{key} {name}")
+    stream.close()

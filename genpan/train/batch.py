@@ -4,13 +4,14 @@ Images of a batch differ in size; each field is padded to the batch's largest he
 void value (zero image, void labels) and every image keeps its true size. No CPU resize: the random
 scale and crop happen on the training device in one `grid_sample` per batch (genpan/train/augment.py).
 The image is stored HWC, as decoded, and handed out as a (B, 3, H, W) channels-last view: a CHW copy
-cost more than the rest of the collate. Inside a DataLoader worker the buffer is allocated in shared
-memory, as torch's `default_collate` does, so the batch reaches the trainer without another copy.
+cost more than the rest of the collate. Inside a DataLoader worker the buffer is shared memory (one of
+the worker's reused buffers, genpan/train/data.py), so the batch reaches the trainer without another copy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -77,19 +78,17 @@ def _pad(dst: np.ndarray, h: int, w: int, fill: float) -> None:
         dst[:h, w:] = fill
 
 
-def _new_buffer(nbytes: int) -> Tensor:
-    if torch.utils.data.get_worker_info() is not None:
-        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+def _private_buffer(nbytes: int) -> Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def collate(samples: list[ParsedSample]) -> dict[str, Any]:
+def collate(samples: list[ParsedSample], allocate: Callable[[int], Tensor] = _private_buffer) -> dict[str, Any]:
     """Decode and pad parsed samples into one batch: key (list), image (B, 3, H, W) uint8 channels-last,
     sem (B, H, W) uint8, ins and dist int16, size (B, 2) long, crowd (B, K) bool, and depth or disp with
-    depth_valid when the samples carry them."""
+    depth_valid when the samples carry them. `allocate(nbytes)` gives the uint8 buffer every field views."""
     specs = batch_specs(samples)
     layout, total = batch_layout(specs)
-    views = layout_views(_new_buffer(total), layout)
+    views = layout_views(allocate(total), layout)
     arrays = {name: view.numpy() for name, view in views.items()}
     maps = [name for name in specs if name not in ("size", "crowd")]
     for i, s in enumerate(samples):
