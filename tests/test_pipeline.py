@@ -1,5 +1,5 @@
-"""The main job end to end on a very small setting: every artefact exists, and the report's numbers are
-the ones eval/pq.py computes from the prediction files."""
+"""The main job end to end on a small setting: every artefact exists, the model learns (a PQ floor), and
+the report's numbers are the ones eval/pq.py computes from the prediction files."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--schedule.max_steps=3", "--schedule.warmup_steps=1", "--run.threads=1", "--data.num_workers=0",
               "--data.micro_batch=2", "--optim.batch_size=2", "--run.progress=false", "--run.ckpt_every=2"]
+# The demo's own recipe (train/configs/tiny_cpu.toml), cut to 150 steps: enough for the stuff classes to
+# be learned (measured 2026-12-07: PQ 0.301, stuff 0.586, things 0.016 on these 8 val images; ~3 min)
+DEMO_ARGS = ["--schedule.max_steps=150", "--schedule.warmup_steps=10", "--run.progress=false", "--run.ckpt_every=100"]
+PQ_FLOOR, STUFF_PQ_FLOOR = 0.15, 0.3  # about half the measured values: a run that stops learning falls far below
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "12", "--val-images", "4",
-           *(f"--train-arg={a}" for a in TRAIN_ARGS), "--predict-arg=--no-progress"]
+    cmd = [sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "96", "--val-images", "8",
+           *(f"--train-arg={a}" for a in DEMO_ARGS), "--predict-arg=--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -32,9 +36,17 @@ def test_every_artefact_exists(demo_run) -> None:
                 "report/report.md", "report/report.json", "report/loss_curves.png", "report/overlays.png",
                 "report/pq_by_size.png", "report/pq_by_class.png"]:
         assert (out / rel).is_file(), rel
-    assert len(list((out / "predictions/panoptic_val").glob("*.png"))) == 4
+    assert len(list((out / "predictions/panoptic_val").glob("*.png"))) == 8
     assert len(list((out / "shards").glob("*.tar"))) >= 1
     assert "ran 5 of 5 stages" in proc.stdout
+
+
+def test_the_model_learns(demo_run) -> None:
+    """A quality floor: a change that breaks training, the targets or the post-processing fails here."""
+    out, _ = demo_run
+    summary = json.loads((out / "report/report.json").read_text())["summary"]
+    assert summary["All"]["pq"] >= PQ_FLOOR, summary
+    assert summary["Stuff"]["pq"] >= STUFF_PQ_FLOOR, summary
 
 
 def test_report_numbers_are_what_eval_pq_computes(demo_run, tmp_path: Path) -> None:
@@ -53,7 +65,7 @@ def test_report_numbers_are_what_eval_pq_computes(demo_run, tmp_path: Path) -> N
 
 def test_rerun_skips_finished_stages(demo_run) -> None:
     out, _ = demo_run
-    proc = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "12", "--val-images", "4"],
+    proc = subprocess.run([sys.executable, "jobs/demo.py", "--out", str(out), "--train-images", "96", "--val-images", "8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
     assert proc.stdout.count("already done") == 5
