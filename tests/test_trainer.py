@@ -133,3 +133,18 @@ def test_final_checkpoint_records_the_category_table_and_checks_num_classes(two_
     final = torch.load(out / FINAL_NAME, weights_only=True)
     assert final["categories"] == table
     assert main([*args, f"--run.out={tmp_path / 'bad'}", "--model.num_classes=5"]) == 2
+
+
+def test_training_from_a_pipe_url_matches_the_local_folder(tmp_path):
+    """webdataset's `pipe:` opener (here `cat`; `aws s3 cp … -` in the same form) feeds training with
+    loader workers; the loss curve is the local folder's, step for step."""
+    shards = write_synthetic_shards(tmp_path / "shards", num_images=8, per_shard=4, min_size=56, max_size=56)
+    tars = sorted(shards.glob("*.tar"))
+    assert len(tars) == 2
+    curves = []
+    for name, spec in [("local", str(shards)), ("pipe", f"pipe:cat {shards}/shard-{{0000..0001}}.tar")]:
+        overrides = tiny_overrides(shards, tmp_path / name, steps=3) + [
+            f"--data.shards={spec}", "--data.num_workers=2", "--data.resampled=true", "--data.epoch_size=8"]
+        Trainer(load_train_config(TINY, overrides)).fit()
+        curves.append([r["loss_total"] for r in read_metrics(tmp_path / name / METRICS_NAME)])
+    assert len(curves[0]) == 3 and curves[0] == curves[1]
