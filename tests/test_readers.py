@@ -184,8 +184,11 @@ def test_missing_json_is_a_clear_error(tmp_path: Path) -> None:
         make_reader("folder")
 
 
-def _write_cityscapes(root: Path, split: str, use_train_id: bool) -> None:
-    """A two-image Cityscapes tree in the form createPanopticImgs writes."""
+def _write_cityscapes(root: Path, split: str, use_train_id: bool, image_suffix: str = "_gtFine_leftImg8bit.png") -> None:
+    """A two-image Cityscapes tree in the form createPanopticImgs writes: images[].file_name is
+    `{stem}_gtFine_leftImg8bit.png` (not the photo's name), and `--use-train-id` output is named
+    `cityscapes_panoptic_{split}_trainId`."""
+    out_name = f"cityscapes_panoptic_{split}" + ("_trainId" if use_train_id else "")
     rng = np.random.default_rng(0)
     cats = [{"id": (train if use_train_id else label), "name": name, "isthing": int(thing), "supercategory": "x", "color": [0, 0, 0]}
             for label, train, name, thing in CITYSCAPES_CLASSES]
@@ -200,20 +203,21 @@ def _write_cityscapes(root: Path, split: str, use_train_id: bool) -> None:
         ids[8:, :] = road
         ids[2:6, 4:12] = car * 1000 + 1
         ids[2:6, 14:20] = car * 1000 + 2
-        png_dir = root / "gtFine" / f"cityscapes_panoptic_{split}"
+        png_dir = root / "gtFine" / out_name
         png_dir.mkdir(parents=True, exist_ok=True)
         (png_dir / f"{stem}_gtFine_panoptic.png").write_bytes(encode_panoptic_png(ids))
-        images.append({"id": stem, "file_name": f"{stem}_leftImg8bit.png", "width": 32, "height": 16})
+        images.append({"id": stem, "file_name": f"{stem}{image_suffix}", "width": 32, "height": 16})
         segs = [{"id": int(s), "category_id": int(s) if s < 1000 else int(s) // 1000, "iscrowd": 0, "area": int((ids == s).sum()), "bbox": [0, 0, 1, 1]}
                 for s in np.unique(ids) if s]
         anns.append({"image_id": stem, "file_name": f"{stem}_gtFine_panoptic.png", "segments_info": segs})
-    (root / "gtFine" / f"cityscapes_panoptic_{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    (root / "gtFine" / f"{out_name}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
-@pytest.mark.parametrize("use_train_id", [False, True])
-def test_cityscapes_reader(tmp_path: Path, use_train_id: bool) -> None:
-    _write_cityscapes(tmp_path, "val", use_train_id)
-    reader = make_reader("cityscapes", root=tmp_path, split="val")
+@pytest.mark.parametrize("use_train_id,split", [(False, "val"), (True, "val"), (True, "val_trainId")])
+@pytest.mark.parametrize("image_suffix", ["_gtFine_leftImg8bit.png", "_leftImg8bit.png"])
+def test_cityscapes_reader(tmp_path: Path, use_train_id: bool, split: str, image_suffix: str) -> None:
+    _write_cityscapes(tmp_path, "val", use_train_id, image_suffix)
+    reader = make_reader("cityscapes", root=tmp_path, split=split)
     cats = {c.id: c for c in reader.categories}
     assert len(cats) == 19 and sum(c.isthing for c in cats.values()) == 8
     assert sorted(c.train_id for c in cats.values()) == list(range(19))
@@ -221,7 +225,10 @@ def test_cityscapes_reader(tmp_path: Path, use_train_id: bool) -> None:
     assert car.name == "car" and car.train_id == 13 and car.isthing
     out = list(iterate(reader))
     assert [s.key for s in out] == ["aachen_000000_000010", "bremen_000000_000011"]
-    assert all(isinstance(s, Sample) and s.image_ext == "png" and s.pan_ids.shape == (16, 32) for s in out)
+    assert all(isinstance(s, Sample) and s.image_ext == "png" and s.pan_ids.shape == (16, 32) for s in out), [str(s) for s in out]
+    for s in out:  # the photo, found from the stem whatever file_name says
+        photo = tmp_path / "leftImg8bit" / "val" / s.key.split("_")[0] / f"{s.key}_leftImg8bit.png"
+        assert s.source_path == str(photo) and s.image_bytes == photo.read_bytes()
 
 
 def test_nyu_bts_reader(tmp_path: Path) -> None:
