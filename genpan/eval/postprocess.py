@@ -489,13 +489,13 @@ def _decode_groups(
 
 
 def vote_peaks(votes: torch.Tensor, radius: int, min_mass: float) -> torch.Tensor:
-    """Local maxima of (B, G, G) vote histograms → (B, G, G) bool.
+    """Local maxima of (B, H, W) vote histograms (H = W = G) → (B, H, W) bool.
 
     A peak has votes, is the maximum of its (2r+1)² window, and the window holds at least `min_mass`
     votes. Ties go to the cell first in row-major order (strictly above the neighbours before it, at
     least equal to those after), so a plateau gives one peak.
     """
-    B, G, _ = votes.shape
+    _, H, W = votes.shape
     r = radius
     pad = torch.nn.functional.pad(votes, (r, r, r, r), value=-1.0)  # votes are ≥ 0: the border never wins
     peak = votes > 0
@@ -504,7 +504,7 @@ def vote_peaks(votes: torch.Tensor, radius: int, min_mass: float) -> torch.Tenso
         for dx in range(-r, r + 1):
             if (dy, dx) == (0, 0):
                 continue
-            nb = pad[:, r + dy : r + dy + G, r + dx : r + dx + G]
+            nb = pad[:, r + dy : r + dy + H, r + dx : r + dx + W]
             peak &= votes > nb if (dy, dx) < (0, 0) else votes >= nb
             mass += nb.clamp_min(0.0)
     return peak & (mass >= min_mass)
