@@ -516,7 +516,7 @@ def _decode_soft_vote(
 ) -> tuple[torch.Tensor, list[int]]:
     """Soft-vote decoder: every thing pixel votes for its decoded cell with its agreement; the local
     maxima of the G×G vote histogram are the instance centres; each pixel joins the centre whose code
-    is nearest to its embedding. An instance is scored as a group is (mean thing probability × mean
+    is nearest to its embedding, if it points toward it (positive dot product). An instance is scored as a group is (mean thing probability × mean
     agreement); those under the minimum area or the score threshold are dropped, the best `nms_top_k`
     kept, in score order. Returns the instance of every thing pixel (−1 = none) and n per image.
     """
@@ -540,7 +540,9 @@ def _decode_soft_vote(
         if ki:
             for s in range(p0, p0 + ni, chunk):
                 e = rows[s : min(s + chunk, p0 + ni)]
-                nearest[s : s + e.shape[0]] = k0 + row_max(e @ codes[k0 : k0 + ki].T)[1]
+                best, k = row_max(e @ codes[k0 : k0 + ki].T)
+                # a pixel pointing away from every centre (or a zero code: void under a thing argmax) joins none
+                nearest[s : s + e.shape[0]] = torch.where(best > 0, k0 + k, -1)
         else:
             nearest[p0 : p0 + ni] = -1
         p0, k0 = p0 + ni, k0 + ki
