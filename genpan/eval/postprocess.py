@@ -23,6 +23,18 @@ eq. 2-3, `genpan.labels.pe_target`), and 0 for void/stuff. Post-processing:
    smaller than the minimum stuff area become void; what is left of a class is one segment (the COCO
    panoptic convention: one stuff segment per class and image).
 
+3'. (`decoder = "soft_vote"`, instead of 3-5) every thing pixel votes for its decoded cell with its
+   agreement; the local maxima of the G×G vote histogram (maximum of a (2r+1)² window, ties to the first
+   cell in row-major order, at least `vote_min_frac`·h·w votes in the window) are the instance centres;
+   each thing pixel joins the centre whose code is nearest its embedding (if it points toward it). An
+   instance is scored as a group is; small or low-scoring ones are dropped, no NMS is needed.
+
+`postprocess_batch` takes (B, C, h, w) and (B, 4L, h, w) on any device and runs every per-pixel step
+there, batched; the per-cell grouping and NMS, the stuff connected components (one OpenCV call per
+stuff class, on the class's bounding box) and the segment statistics run on the CPU. `postprocess` is
+a batch of one. On the CPU the class pass goes block by block over pixels, so the logits are read from
+memory once.
+
 All masks and the NMS live on the G×G cell grid (a group's mask is the set of its cells, widened by
 `mask_radius_cells`), so their cost does not grow with the image; only decoding and counting touch
 every pixel. Quantisation limit: two instances whose centroids fall in the same grid cell share one
