@@ -124,6 +124,21 @@ def test_batch_equals_images_one_by_one(decoder: str) -> None:
         postprocess_batch(np.zeros((2, 4, 8, 8)), np.zeros((1, 16, 8, 8)), TRAIN_TO_CAT, THING_TRAIN)
 
 
+def test_device_path_run_on_the_cpu_matches_the_reference(monkeypatch) -> None:
+    """The plain-torch path a GPU takes (max, boolean gathers), forced on the CPU: the same id maps on
+    ideal and noisy outputs (its thing probability sums in another order, so not bit for bit)."""
+    import genpan.eval.postprocess as pp
+
+    monkeypatch.setattr(pp, "cpu_fast_path", lambda x: False)
+    rng = np.random.default_rng(12)
+    for pan, segs in _scenes()[:4]:
+        sem, inst = ideal_outputs(pan, segs, CAT_TO_TRAIN, THING_CATS, len(TRAIN_TO_CAT))
+        for sigma in (0.0, 0.3):
+            e = inst + rng.normal(0, sigma, inst.shape).astype(np.float32)
+            for name in ("exact", "default", "zero_vector"):
+                _assert_identical(sem, e, CONFIGS[name])
+
+
 # --------------------------------------------------------------------------------- CPU primitives
 
 

@@ -316,7 +316,7 @@ def class_pass(
     thing class is also returned). On the CPU the work goes block by block over pixels, so each block
     is read from memory once and every later step on it hits the cache.
     """
-    if logits.device.type == "cpu":
+    if cpu_fast_path(logits):
         parts = [_class_pass_cpu(logits[i], is_thing_class.numpy(), None if from_embedding is None else from_embedding[i].numpy(),
                                  void_prob_threshold, any_thing) for i in range(logits.shape[0])]
         conf = torch.stack([p.confident for p in parts]) if void_prob_threshold > 0 else None
@@ -340,6 +340,11 @@ def class_pass(
     if from_embedding is not None and thing_label is None:
         thing_label = torch.zeros(0, dtype=torch.long, device=logits.device)
     return ClassPass(label, confident, thing, sums[:, 0] / sums[:, 1], thing_label)
+
+
+def cpu_fast_path(x: torch.Tensor) -> bool:
+    """Whether the per-pixel passes take the numpy block path (CPU tensors) or plain torch (any device)."""
+    return x.device.type == "cpu"
 
 
 CPU_BLOCK = 2048  # pixels per block: 133 classes × 2048 px of float32 ≈ 1 MB, an L2 cache's worth
@@ -458,7 +463,7 @@ def gather_pixels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     On the CPU numpy's take along the pixel axis, then one small transpose, is ~3× faster than
     torch's boolean gather across the inner dimension."""
-    if x.device.type != "cpu":
+    if not cpu_fast_path(x):
         return x.transpose(1, 2)[mask].contiguous()
     parts = [np.take(x[i].detach().numpy(), np.flatnonzero(mask[i].numpy()), axis=1).T for i in range(x.shape[0])]
     if not parts:
