@@ -1,10 +1,12 @@
-"""Post-processing speed: ms per image at 480² output on CPU, against a baseline in the same run.
+"""Post-processing speed: ms per image at 480² output on CPU, against one `amax` pass in the same run.
 
 Inputs are realistic in size and structure: a random panoptic map (stuff bands, ~20 thing instances
 that touch and occlude), its ideal outputs (genpan.eval.postprocess.ideal_outputs) with gaussian noise on
 the embeddings and the logits, C = 133 classes (COCO panoptic: 80 things, 53 stuff), L = 4.
-Baseline: the bare semantic argmax plus the embedding decode alone — the per-pixel work any
-post-processing must do; the ratio shows what grouping, NMS, voting and stuff filling add.
+Floor: one `amax` over the (C, h, w) logits — a single read of the largest input, which any
+post-processing must do. Timed on the same inputs: the per-image implementation this one replaced
+(tests/postprocess_reference.py, checked to give the same output), `postprocess` with the grouping
+decoder and with the soft-vote decoder, and the share of the stuff connected components.
 
     python bench/postprocess_speed.py [--size 480] [--repeats 10] [--threads 1]
 
@@ -17,13 +19,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from genpan.eval.postprocess import PostprocessConfig, decode_embeddings, ideal_outputs, postprocess
+import genpan.eval.postprocess as pp
+from genpan.eval.postprocess import PostprocessConfig, ideal_outputs, postprocess
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from postprocess_reference import postprocess as reference_postprocess  # noqa: E402
 
 NUM_THINGS, NUM_STUFF = 80, 53
 
@@ -63,6 +71,30 @@ def timed(fn: Callable[[], object], repeats: int, label: str) -> float:
     return 1000.0 * float(np.median(times))
 
 
+def stuff_components_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median time per call of `fn` spent in OpenCV's connected components (post-processing's only
+    per-pixel step that stays on the CPU), by wrapping the function the module calls."""
+    spent = [0.0]
+    real = pp.cv2
+
+    def timed_cc(*a, **k):
+        t0 = time.perf_counter()
+        out = real.connectedComponentsWithStats(*a, **k)
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    pp.cv2 = types.SimpleNamespace(connectedComponentsWithStats=timed_cc, CC_STAT_AREA=real.CC_STAT_AREA)
+    try:
+        per_call = []
+        for _ in range(repeats):
+            spent[0] = 0.0
+            fn()
+            per_call.append(spent[0])
+    finally:
+        pp.cv2 = real
+    return 1000.0 * float(np.median(per_call))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", type=int, default=480, help="output resolution h = w of the model outputs")
@@ -90,24 +122,32 @@ def main(argv: list[str] | None = None) -> int:
     sem = torch.from_numpy(sem + rng.normal(0, 1.0, sem.shape).astype(np.float32))
     inst = torch.from_numpy(inst + rng.normal(0, args.noise, inst.shape).astype(np.float32))
     cfg = PostprocessConfig()
+    soft = PostprocessConfig(decoder="soft_vote")
 
-    def baseline() -> object:
-        return sem.argmax(dim=0), decode_embeddings(inst, cfg.grid_size)
-
-    def full() -> object:
-        return postprocess(sem, inst, train_to_category, things, cfg)
-
-    _, out_segs = full()
+    pan_new, segs_new = postprocess(sem, inst, train_to_category, things, cfg)
+    pan_old, segs_old = reference_postprocess(sem, inst, train_to_category, things, cfg)
+    same = bool(np.array_equal(pan_new, pan_old) and segs_new == segs_old)
     n_gt_things = sum(s["category_id"] < NUM_THINGS for s in segs)
-    n_pred_things = sum(s["isthing"] for s in out_segs)
-    base_ms = timed(baseline, args.repeats, "baseline")
-    full_ms = timed(full, args.repeats, "postprocess")
+    n_pred_things = sum(s["isthing"] for s in segs_new)
+    n_soft_things = sum(s["isthing"] for s in postprocess(sem, inst, train_to_category, things, soft)[1])
+    amax_ms = timed(lambda: sem.amax(dim=0), args.repeats, "amax")
+    old_ms = timed(lambda: reference_postprocess(sem, inst, train_to_category, things, cfg), args.repeats, "per-image reference")
+    new_ms = timed(lambda: postprocess(sem, inst, train_to_category, things, cfg), args.repeats, "postprocess")
+    soft_ms = timed(lambda: postprocess(sem, inst, train_to_category, things, soft), args.repeats, "soft vote")
+    amax2_ms = timed(lambda: sem.amax(dim=0), args.repeats, "amax")  # again: load drift on a shared machine shows
+    cc_ms = stuff_components_ms(lambda: postprocess(sem, inst, train_to_category, things, cfg), args.repeats)
     print(f"output {args.size}x{args.size}, C={len(train_to_category)}, L=4, G={cfg.grid_size}, noise σ={args.noise}, "
-          f"torch threads {torch.get_num_threads()}; GT things {n_gt_things}, predicted things {n_pred_things}")
-    print(f"baseline (semantic argmax + embedding decode): {base_ms:8.1f} ms/image")
-    print(f"full post-processing:                          {full_ms:8.1f} ms/image")
-    print(f"ratio full / baseline: {full_ms / base_ms:.2f}x")
-    print(f"RESULT postprocess_ms_per_image={full_ms:.1f}")
+          f"torch threads {torch.get_num_threads()}; GT things {n_gt_things}, predicted things {n_pred_things} (soft vote {n_soft_things})")
+    print(f"one amax pass over the logits:             {amax_ms:8.1f} ms/image (again after the runs: {amax2_ms:.1f})")
+    print(f"per-image reference (the replaced code):   {old_ms:8.1f} ms/image  ratio to amax {old_ms / amax_ms:5.2f}x")
+    print(f"postprocess, grouping decoder:             {new_ms:8.1f} ms/image  ratio to amax {new_ms / amax_ms:5.2f}x")
+    print(f"postprocess, soft-vote decoder:            {soft_ms:8.1f} ms/image  ratio to amax {soft_ms / amax_ms:5.2f}x")
+    print(f"stuff connected components (inside postprocess): {cc_ms:.1f} ms/image = {100 * cc_ms / new_ms:.1f} % of postprocess")
+    print(f"same id map and segments as the reference: {same}")
+    print(f"RESULT postprocess_over_max={new_ms / amax_ms:.2f}")
+    if not same:
+        print("error: postprocess and the per-image reference disagree on these inputs", file=sys.stderr)
+        return 1
     return 0
 
 

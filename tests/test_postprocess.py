@@ -10,12 +10,12 @@ from genpan.eval.postprocess import (
     PostprocessConfig,
     cell_of,
     decode_embeddings,
+    gather_pixels,
     grid_centres,
     ideal_outputs,
     matrix_nms_decay,
     postprocess,
     row_max,
-    take_columns,
     top_class,
 )
 from genpan.labels import pe_target
@@ -567,5 +567,6 @@ def test_cpu_reductions_equal_torch_including_ties() -> None:
     ref_val, ref_idx = scores.max(dim=1)
     assert torch.equal(val, ref_val) and torch.equal(idx, ref_idx)
     mask = torch.rand(500, generator=gen) < 0.3
-    assert torch.equal(take_columns(logits, mask), logits[:, mask])
-    assert take_columns(logits, torch.zeros(500, dtype=torch.bool)).shape == (7, 0)
+    maps = logits[None]  # B = 1, K = 7 channels, P = 500 pixels
+    assert torch.equal(gather_pixels(maps, mask[None]), logits[:, mask].T)
+    assert gather_pixels(maps, torch.zeros((1, 500), dtype=torch.bool)).shape == (0, 7)

@@ -23,6 +23,18 @@ eq. 2-3, `genpan.labels.pe_target`), and 0 for void/stuff. Post-processing:
    smaller than the minimum stuff area become void; what is left of a class is one segment (the COCO
    panoptic convention: one stuff segment per class and image).
 
+3'. (`decoder = "soft_vote"`, instead of 3-5) every thing pixel votes for its decoded cell with its
+   agreement; the local maxima of the G×G vote histogram (maximum of a (2r+1)² window, ties to the first
+   cell in row-major order, at least `vote_min_frac`·h·w votes in the window) are the instance centres;
+   each thing pixel joins the centre whose code is nearest its embedding (if it points toward it). An
+   instance is scored as a group is; small or low-scoring ones are dropped, no NMS is needed.
+
+`postprocess_batch` takes (B, C, h, w) and (B, 4L, h, w) on any device and runs every per-pixel step
+there, batched; the per-cell grouping and NMS, the stuff connected components (one OpenCV call per
+stuff class, on the class's bounding box) and the segment statistics run on the CPU. `postprocess` is
+a batch of one. On the CPU the class pass goes block by block over pixels, so the logits are read from
+memory once.
+
 All masks and the NMS live on the G×G cell grid (a group's mask is the set of its cells, widened by
 `mask_radius_cells`), so their cost does not grow with the image; only decoding and counting touch
 every pixel. Quantisation limit: two instances whose centroids fall in the same grid cell share one
@@ -45,6 +57,7 @@ from genpan.labels import pe_encode, pe_target
 from genpan.prep.targets import instance_map, segment_stats, semantic_map
 
 THING_MODES = ("semantic", "zero_vector")
+DECODERS = ("group", "soft_vote")
 _NEIGHBOURS_8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
@@ -68,17 +81,24 @@ class PostprocessConfig:
     min_thing_area_frac: float = 1e-4  # ≈ 23 px at 480²; smaller instances are dropped to void
     min_stuff_area_frac: float = 4096 / (640 * 480)  # Panoptic-DeepLab's 4096 px at COCO's typical 640×480
     void_prob_threshold: float = 0.0  # pixels whose top semantic probability is below this are void (0 = off)
+    # "group": cells → groups → matrix NMS (steps 3-5); "soft_vote": vote-histogram peaks as centres (step 3')
+    decoder: str = "group"
+    vote_radius_cells: int = 1  # soft_vote: a centre is the maximum of its (2r+1)² window of the vote histogram
+    vote_min_frac: float = 1e-4  # soft_vote: a centre's window holds at least this fraction of h·w in votes
 
     def __post_init__(self) -> None:
         if self.grid_size < 2:
             raise ValueError(f"grid_size must be at least 2, got {self.grid_size}")
         if self.thing_mode not in THING_MODES:
             raise ValueError(f"thing_mode must be one of {THING_MODES}, got {self.thing_mode!r}")
-        if self.mask_radius_cells < 0:
-            raise ValueError(f"mask_radius_cells must be ≥ 0, got {self.mask_radius_cells}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.mask_radius_cells < 0 or self.vote_radius_cells < 0:
+            raise ValueError(f"mask_radius_cells and vote_radius_cells must be ≥ 0, got {self.mask_radius_cells}, {self.vote_radius_cells}")
         if self.nms_sigma < 0 or self.nms_top_k < 1 or self.nms_pre_top_k < 1:
             raise ValueError("nms_sigma must be ≥ 0 and the NMS top-k values ≥ 1")
-        for name in ("overlap_threshold", "merge_min_cell_frac", "min_thing_area_frac", "min_stuff_area_frac", "void_prob_threshold"):
+        for name in ("overlap_threshold", "merge_min_cell_frac", "min_thing_area_frac", "min_stuff_area_frac", "void_prob_threshold",
+                     "vote_min_frac"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
@@ -109,11 +129,11 @@ class Decoded:
     agreement: torch.Tensor  # (P,) max(0, cos(e, nearest grid code))
 
 
-def decode_embeddings(inst: Any, grid_size: int, chunk: int = 1 << 16) -> Decoded:
+def decode_embeddings(inst: Any, grid_size: int, chunk: int = 4096) -> Decoded:
     """Nearest grid code of each embedding, u and v separately (paper 5.1).
 
     `inst` is (P, 4L) or (4L, h, w) (numpy or torch; the result is flattened row-major over h, w).
-    Runs on the tensor's device, in chunks of `chunk` pixels to bound the (P, G) score tables.
+    Runs on the tensor's device, in chunks of `chunk` pixels: the (chunk, G) score tables stay in cache.
     """
     emb = _as_tensor(inst)
     if emb.ndim == 3:
@@ -150,29 +170,6 @@ def row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scores.gather(1, index[:, None]).squeeze(1), index
 
 
-def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top logit, first top class) of each pixel of (C, P) logits, as `logits.max(dim=0)`.
-
-    On the CPU a max-with-indices across the outer dimension is ~8× slower than `amax` (306 vs 37 ms
-    for C = 133 at 480²); the first class reaching the max is found by filling from the last class down.
-    """
-    if logits.device.type != "cpu" or logits.shape[0] == 0:
-        return logits.max(dim=0)
-    top = logits.amax(dim=0)
-    label = torch.empty(logits.shape[1], dtype=torch.long)
-    for c in range(logits.shape[0] - 1, -1, -1):
-        label.masked_fill_(logits[c] == top, c)
-    return top, label
-
-
-def take_columns(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`x[:, mask]` for a (C, P) tensor; on the CPU numpy's take along axis 1 is ~3× faster than
-    torch's boolean or index_select gather across the inner dimension (C = 133 at 480²)."""
-    if x.device.type != "cpu":
-        return x[:, mask]
-    return torch.from_numpy(np.take(x.detach().numpy(), np.flatnonzero(mask.numpy()), axis=1))
-
-
 def postprocess(
     sem: Any,
     inst: Any,
@@ -184,100 +181,409 @@ def postprocess(
 
     `sem` (C, h, w) logits over contiguous train ids, `inst` (4L, h, w) embeddings, numpy or torch
     (any device). Segment ids run 1..N (things first, in decayed-score order, then stuff); 0 is void.
+    A batch of one through `postprocess_batch`.
+    """
+    sem_t, inst_t = _as_tensor(sem), _as_tensor(inst)
+    if sem_t.ndim != 3 or inst_t.ndim != 3 or sem_t.shape[1:] != inst_t.shape[1:]:
+        raise ValueError(f"sem (C, h, w) and inst (4L, h, w) must share h, w; got {tuple(sem_t.shape)}, {tuple(inst_t.shape)}")
+    return postprocess_batch(sem_t[None], inst_t[None], train_to_category, thing_train_ids, config)[0]
+
+
+def postprocess_batch(
+    sem: Any,
+    inst: Any,
+    train_to_category: Sequence[int],
+    thing_train_ids: set[int],
+    config: PostprocessConfig | None = None,
+) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """A batch of model outputs → one (pan_ids (h, w) int32, segments_info) per image.
+
+    `sem` (B, C, h, w) logits, `inst` (B, 4L, h, w) embeddings, numpy or torch on any device. Every
+    per-pixel step (class pass, decode, cell statistics, class vote, stuff map) runs batched on the
+    tensors' device; the per-cell grouping and NMS, the stuff connected components and the segment
+    statistics run on the CPU. Each image's result equals `postprocess` on that image alone.
     """
     cfg = config or PostprocessConfig()
     sem_t, inst_t = _as_tensor(sem).float(), _as_tensor(inst).float()
-    if sem_t.ndim != 3 or inst_t.ndim != 3 or sem_t.shape[1:] != inst_t.shape[1:]:
-        raise ValueError(f"sem (C, h, w) and inst (4L, h, w) must share h, w; got {tuple(sem_t.shape)}, {tuple(inst_t.shape)}")
-    C, h, w = sem_t.shape
+    if sem_t.ndim != 4 or inst_t.ndim != 4 or sem_t.shape[0] != inst_t.shape[0] or sem_t.shape[2:] != inst_t.shape[2:]:
+        raise ValueError(f"sem (B, C, h, w) and inst (B, 4L, h, w) must share B, h, w; got {tuple(sem_t.shape)}, {tuple(inst_t.shape)}")
+    if inst_t.shape[1] % 4:
+        raise ValueError(f"instance embeddings need 4L channels, got {inst_t.shape[1]}")
+    B, C, h, w = sem_t.shape
     if len(train_to_category) != C:
         raise ValueError(f"train_to_category has {len(train_to_category)} entries for {C} semantic channels")
-    G = cfg.grid_size
-    is_thing_class = torch.zeros(C, dtype=torch.bool, device=sem_t.device)
+    if B == 0:
+        return []
+    dev = sem_t.device
+    inst_t = inst_t.to(dev)
+    G, P = cfg.grid_size, h * w
     thing_ids = sorted(int(t) for t in thing_train_ids if 0 <= int(t) < C)
+    is_thing_class = torch.zeros(C, dtype=torch.bool, device=dev)
     is_thing_class[thing_ids] = True
+    logits = sem_t.reshape(B, C, P)
+    emb = inst_t.reshape(B, inst_t.shape[1], P)
 
-    logits = sem_t.reshape(C, -1)  # C, P
-    top_logit, label = top_class(logits)
-    if cfg.void_prob_threshold > 0:  # top probability = 1 / Σ exp(l − l_max)
-        confident = (logits - top_logit).exp().sum(dim=0) <= 1.0 / cfg.void_prob_threshold
+    dec_all = None
+    if cfg.thing_mode == "zero_vector":  # the thing test needs every pixel's decode
+        dec_all = _cat_decoded([decode_embeddings(emb[i].T, G) for i in range(B)])
+        from_embedding = (dec_all.norm2 > dec_all.dist2).reshape(B, P)  # zero vector farther than the nearest grid code
     else:
-        confident = torch.ones_like(label, dtype=torch.bool)
-    dec = decode_embeddings(inst_t, G)
-    if cfg.thing_mode == "semantic":
-        thing = is_thing_class[label]
+        from_embedding = None
+    px = class_pass(logits, is_thing_class, from_embedding, cfg.void_prob_threshold, bool(thing_ids))
+    tidx = px.thing.reshape(-1).nonzero().squeeze(1)  # thing pixels, image-major then row-major
+    img = tidx // P
+    rows = gather_pixels(emb, px.thing) if dec_all is None or cfg.decoder == "soft_vote" else None
+    dec = _gather_decoded(dec_all, tidx) if dec_all is not None else decode_embeddings(rows, G)
+    if px.thing_label is not None:
+        thing_label = px.thing_label
+    else:  # a thing pixel's top class is a thing class, so it is also its top thing class: no second argmax
+        position = torch.full((C,), -1, dtype=torch.long, device=dev)
+        position[thing_ids] = torch.arange(len(thing_ids), device=dev)
+        thing_label = position[px.label.reshape(-1)[tidx]]
+    gcell = img * (G * G) + dec.b * G + dec.a  # image-major, then row-major over (v, u)
+
+    if cfg.decoder == "group":
+        owner, n_inst = _decode_groups(gcell, px.thing_prob, dec.agreement, B, h, w, cfg)
     else:
-        thing = dec.norm2 > dec.dist2  # zero vector farther than the nearest grid code
-    thing &= confident
-    if not thing_ids:  # no thing class to vote for: nothing can become an instance
-        thing &= False
+        owner, n_inst = _decode_soft_vote(rows, gcell, img, px.thing_prob, dec.agreement, B, h, w, cfg)
 
-    # class statistics only where they are used: on thing pixels (C reductions over P are the cost)
-    thing_logits = take_columns(logits, thing)  # C, P_thing
-    # Σ over thing classes of the softmax, in one exp pass shifted by the top logit already at hand; the
-    # (2, C) @ (C, P) product sums the thing rows and all rows at once without gathering either
-    shifted = (thing_logits - top_logit[thing]).exp_()
-    sums = torch.stack([is_thing_class, torch.ones_like(is_thing_class)]).to(shifted.dtype) @ shifted
-    thing_prob = sums[0] / sums[1]
-    thing_label = None
-    if thing_ids and cfg.thing_mode == "semantic":
-        # a thing pixel's top class is a thing class, so it is also its top thing class: no second argmax
-        position = torch.full((C,), -1, dtype=torch.long, device=sem_t.device)
-        position[thing_ids] = torch.arange(len(thing_ids), device=sem_t.device)
-        thing_label = position[label[thing]].cpu().numpy()
-    elif thing_ids:
-        thing_label = thing_logits[is_thing_class].argmax(dim=0).cpu().numpy()
+    # class vote: one bincount over (instance of the batch, thing class)
+    n_thing = max(len(thing_ids), 1)
+    offset_np = np.concatenate([[0], np.cumsum(n_inst)[:-1]]).astype(np.int64)
+    offset = torch.from_numpy(offset_np).to(dev)
+    voters = owner >= 0
+    gid = owner[voters] + offset[img[voters]]
+    total = int(sum(n_inst))
+    votes = torch.bincount(gid * n_thing + thing_label[voters], minlength=total * n_thing).cpu().numpy()
+    winners = votes.reshape(total, n_thing).argmax(axis=1) if total else np.zeros(0, np.int64)
 
-    # per-cell statistics of thing pixels: the only per-pixel reductions grouping needs
-    cell = dec.b * G + dec.a  # row-major over (v, u)
-    tcell = cell[thing]
-    counts = torch.bincount(tcell, minlength=G * G).cpu().numpy()
-    prob_sum = torch.bincount(tcell, weights=thing_prob.double(), minlength=G * G).cpu().numpy()
-    agree_sum = torch.bincount(tcell, weights=dec.agreement[thing].double(), minlength=G * G).cpu().numpy()
+    pan = torch.zeros(B * P, dtype=torch.int32, device=dev)
+    pan[tidx[voters]] = (owner[voters] + 1).to(torch.int32)
+    pan = pan.reshape(B, P)
+    # stuff candidates: unclaimed, confident pixels whose argmax is a stuff class (class C = none)
+    free = (pan == 0) & ~is_thing_class[px.label]
+    if px.confident is not None:
+        free &= px.confident
+    stuff = torch.where(free, px.label, torch.full_like(px.label, C))
+    base = torch.arange(B, device=dev)[:, None] * (C + 1)
+    class_area = torch.bincount((stuff + base).reshape(-1), minlength=B * (C + 1)).reshape(B, C + 1)[:, :C].cpu().numpy()
+    stuff_np = stuff.to(torch.int32 if C + 1 > 32767 else torch.int16).cpu().numpy()
+    pan_np = pan.cpu().numpy()
 
-    min_dense = area_px(cfg.merge_min_cell_frac, h, w)
-    group_of_cell = _group_cells(counts.reshape(G, G), cfg.merge_adjacent, min_dense).reshape(-1)  # −1 = empty
-    min_thing = area_px(cfg.min_thing_area_frac, h, w)
-    order, masks, _ = _nms(group_of_cell, counts, prob_sum, agree_sum, cfg, min_thing)
-    owner_of_cell = _paint(order, masks, counts, cfg, min_thing)
-
-    pan = np.zeros(h * w, dtype=np.int32)
-    thing_np = thing.cpu().numpy()
-    owner_px = np.full(h * w, -1, dtype=np.int64)
-    owner_thing = owner_of_cell[tcell.cpu().numpy()]
-    owner_px[thing_np] = owner_thing
-    segments: list[dict[str, Any]] = []
-    n_inst = int(owner_of_cell.max()) + 1 if owner_of_cell.size else 0
-    claimed = owner_px >= 0
-    if n_inst:  # every painted instance holds pixels, so ids 1..n_inst are all used
-        n_thing = len(thing_ids)
-        voters = owner_thing >= 0
-        votes = np.bincount(owner_thing[voters] * n_thing + thing_label[voters], minlength=n_inst * n_thing)
-        winners = votes.reshape(n_inst, n_thing).argmax(axis=1)
-        pan[claimed] = owner_px[claimed] + 1
-        segments = [_segment(k + 1, train_to_category[thing_ids[int(winners[k])]], True) for k in range(n_inst)]
-    next_id = n_inst + 1
-
-    # stuff: unclaimed, confident pixels whose argmax is a stuff class
-    label_np = label.cpu().numpy()
-    free = (owner_px < 0) & confident.cpu().numpy() & ~is_thing_class.cpu().numpy()[label_np]
     min_stuff = area_px(cfg.min_stuff_area_frac, h, w)
-    class_area = np.bincount(label_np[free], minlength=C)
-    for cls in np.flatnonzero(class_area >= min_stuff):  # a class smaller in total has no component to keep
-        region = (free & (label_np == cls)).reshape(h, w).astype(np.uint8)
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(region, connectivity=8)
-        keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_stuff)
-        keep = keep[keep > 0]  # component 0 is the background
-        if keep.size == 0:
-            continue
-        pan[np.isin(comp.reshape(-1), keep)] = next_id
-        segments.append(_segment(next_id, train_to_category[int(cls)], False))
-        next_id += 1
+    results = []
+    for i in range(B):
+        k0 = int(offset_np[i])
+        segments = [_segment(k + 1, train_to_category[thing_ids[int(winners[k0 + k])]], True) for k in range(n_inst[i])]
+        next_id = n_inst[i] + 1
+        pan_i = pan_np[i].reshape(h, w)
+        stuff_i = stuff_np[i].reshape(h, w)
+        for cls in np.flatnonzero(class_area[i] >= min_stuff):  # a class smaller in total has no component to keep
+            mask = stuff_i == cls
+            rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # components on the class's bounding box only
+            _, comp, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(mask[box]).view(np.uint8), connectivity=8)
+            keep = stats[:, cv2.CC_STAT_AREA] >= min_stuff
+            keep[0] = False  # component 0 is the background
+            if not keep.any():
+                continue
+            pan_i[box][keep[comp]] = next_id
+            segments.append(_segment(next_id, train_to_category[int(cls)], False))
+            next_id += 1
+        for seg, st in zip(segments, segment_stats(pan_i, [s["id"] for s in segments])):
+            seg["area"], seg["bbox"] = st.area, list(st.bbox)
+        results.append((pan_i, segments))
+    return results
 
-    pan = pan.reshape(h, w)
-    for seg, st in zip(segments, segment_stats(pan, [s["id"] for s in segments])):
-        seg["area"], seg["bbox"] = st.area, list(st.bbox)
-    return pan, segments
+
+@dataclass
+class ClassPass:
+    """Per-pixel semantic results of a batch (B images of P pixels; Nt thing pixels over the batch)."""
+
+    label: torch.Tensor  # (B, P) long: first top class
+    confident: torch.Tensor | None  # (B, P) bool: top probability ≥ the void threshold (None: threshold off)
+    thing: torch.Tensor  # (B, P) bool: thing pixels
+    thing_prob: torch.Tensor  # (Nt,) Σ over thing classes of the softmax, thing pixels image-major
+    thing_label: torch.Tensor | None  # (Nt,) top thing class as a position among the thing ids (zero_vector mode only)
+
+
+def class_pass(
+    logits: torch.Tensor, is_thing_class: torch.Tensor, from_embedding: torch.Tensor | None, void_prob_threshold: float, any_thing: bool
+) -> ClassPass:
+    """The only passes over the (B, C, P) logits: top class, void test, thing test, thing probability.
+
+    The thing test is "top class is a thing class", or `from_embedding` (B, P) when given (then the top
+    thing class is also returned). On the CPU the work goes block by block over pixels, so each block
+    is read from memory once and every later step on it hits the cache.
+    """
+    if cpu_fast_path(logits):
+        parts = [_class_pass_cpu(logits[i], is_thing_class.numpy(), None if from_embedding is None else from_embedding[i].numpy(),
+                                 void_prob_threshold, any_thing) for i in range(logits.shape[0])]
+        conf = torch.stack([p.confident for p in parts]) if void_prob_threshold > 0 else None
+        zl = torch.cat([p.thing_label for p in parts]) if from_embedding is not None else None
+        return ClassPass(torch.stack([p.label for p in parts]), conf, torch.stack([p.thing for p in parts]),
+                         torch.cat([p.thing_prob for p in parts]), zl)
+    top, label = logits.max(dim=1)
+    confident = None
+    if void_prob_threshold > 0:  # top probability = 1 / Σ exp(l − l_max)
+        confident = (logits - top[:, None]).exp().sum(dim=1) <= 1.0 / void_prob_threshold
+    thing = is_thing_class[label] if from_embedding is None else from_embedding.clone()
+    if confident is not None:
+        thing &= confident
+    if not any_thing:  # no thing class to vote for: nothing can become an instance
+        thing &= False
+    rows = logits.transpose(1, 2)[thing]  # Nt, C
+    shifted = (rows - top[thing][:, None]).exp()
+    weight = torch.stack([is_thing_class, torch.ones_like(is_thing_class)]).to(shifted.dtype)
+    sums = shifted @ weight.T
+    thing_label = rows[:, is_thing_class].argmax(dim=1) if from_embedding is not None and any_thing else None
+    if from_embedding is not None and thing_label is None:
+        thing_label = torch.zeros(0, dtype=torch.long, device=logits.device)
+    return ClassPass(label, confident, thing, sums[:, 0] / sums[:, 1], thing_label)
+
+
+def cpu_fast_path(x: torch.Tensor) -> bool:
+    """Whether the per-pixel passes take the numpy block path (CPU tensors) or plain torch (any device)."""
+    return x.device.type == "cpu"
+
+
+CPU_BLOCK = 2048  # pixels per block: 133 classes × 2048 px of float32 ≈ 1 MB, an L2 cache's worth
+
+
+def _class_pass_cpu(
+    logits: torch.Tensor, is_thing_class: np.ndarray, from_embedding: np.ndarray | None, void_prob_threshold: float, any_thing: bool,
+    block: int = CPU_BLOCK,
+) -> ClassPass:
+    """`class_pass` of one image (C, P) on the CPU, block by block."""
+    lg = logits.detach().numpy()
+    C, P = lg.shape
+    label = np.empty(P, np.int64)
+    thing = np.zeros(P, bool)
+    confident = np.empty(P, bool) if void_prob_threshold > 0 else None
+    weight_np = np.stack([is_thing_class, np.ones(C, bool)]).astype(np.float32)
+    weight = torch.from_numpy(weight_np)
+    thing_rows = np.flatnonzero(is_thing_class)
+    scratch = TopClassScratch(C, block)
+    buf = np.empty((C, block), np.float32)
+    buf_t = torch.from_numpy(buf)
+    probs: list[torch.Tensor] = []
+    zlabels: list[np.ndarray] = []
+    for j in range(0, P, block):
+        b = lg[:, j : j + block]
+        n = b.shape[1]
+        top, lab = scratch.top_class(b)
+        label[j : j + n] = lab
+        tb = is_thing_class[lab] if from_embedding is None else from_embedding[j : j + n].copy()
+        if confident is not None:  # same torch reduction as over the whole image: identical sums
+            cb = (torch.from_numpy(b) - torch.from_numpy(top)).exp().sum(dim=0).numpy() <= 1.0 / void_prob_threshold
+            confident[j : j + n] = cb
+            tb &= cb
+        if not any_thing:
+            continue
+        thing[j : j + n] = tb
+        nt = _gather_shifted(b, top, tb, buf)
+        if nt == 0:
+            continue
+        shifted = buf_t[:, :nt]
+        if from_embedding is not None:  # top thing class, on the logits themselves (l − l_max can round two apart to a tie)
+            zlabels.append(b[np.ix_(thing_rows, np.flatnonzero(tb))].argmax(axis=0))
+        # Σ over thing classes and over all classes of exp(l − l_max), by one (2, C) @ (C, n) product
+        sums = weight @ shifted.exp_()
+        probs.append(sums[0] / sums[1])
+    thing_prob = torch.cat(probs) if probs else torch.zeros(0)
+    zl = torch.from_numpy(np.concatenate(zlabels).astype(np.int64)) if zlabels else torch.zeros(0, dtype=torch.long)
+    return ClassPass(torch.from_numpy(label), None if confident is None else torch.from_numpy(confident), torch.from_numpy(thing),
+                     thing_prob, zl if from_embedding is not None else None)
+
+
+def _gather_shifted(b: np.ndarray, top: np.ndarray, mask: np.ndarray, out: np.ndarray, max_runs: int = 64) -> int:
+    """out[:, :k] = b[:, mask] − top[mask] for the k columns where `mask` holds; returns k.
+
+    Thing pixels come in runs along image rows, so a few slice subtractions gather and shift at
+    once; a ragged mask (many short runs) takes numpy's column take instead.
+    """
+    edges = np.flatnonzero(np.diff(mask, prepend=False, append=False))
+    starts, ends = edges[0::2], edges[1::2]
+    k = int((ends - starts).sum())
+    if k == 0:
+        return 0
+    if len(starts) > max_runs:
+        cols = np.flatnonzero(mask)
+        np.take(b, cols, axis=1, out=out[:, :k])
+        out[:, :k] -= top[cols]
+        return k
+    at = 0
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        np.subtract(b[:, s:e], top[s:e], out=out[:, at : at + e - s])
+        at += e - s
+    return k
+
+
+class TopClassScratch:
+    """(top logit, first top class) of each column of (C, n) float32 blocks, as `logits.max(dim=0)`.
+
+    max-with-index across the outer dimension is ~8× slower than a plain max on the CPU, in numpy as in
+    torch. So: the max, then a key that is C − c where a class reaches it and 0 elsewhere, whose max
+    gives the first such class; the key is uint8 for C < 256, so the second and third passes are cheap.
+    """
+
+    def __init__(self, num_classes: int, block: int) -> None:
+        kind = np.uint8 if num_classes < 256 else np.uint16 if num_classes < 65536 else np.int64
+        self.C = num_classes
+        self.weight = (num_classes - np.arange(num_classes)).astype(kind)[:, None]
+        self.eq = np.empty((num_classes, block), bool)
+        self.key = np.empty((num_classes, block), kind)
+        self.kind = kind
+
+    def top_class(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = b.shape[1]
+        eq, key = self.eq[:, :n], self.key[:, :n]
+        top = b.max(axis=0)
+        np.equal(b, top, out=eq)
+        # bool as uint8 (0/1) times the weights: an integer multiply with no cast loop
+        np.multiply(eq.view(np.uint8) if self.kind is np.uint8 else eq, self.weight, out=key)
+        first = key.max(axis=0).astype(np.int64)
+        return top, self.C - np.maximum(first, 1)  # a NaN column matches no class: the last class
+
+
+def top_class(logits: torch.Tensor, block: int = CPU_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top logit, first top class) of each pixel of (C, P) logits, as `logits.max(dim=0)`."""
+    if logits.device.type != "cpu" or logits.shape[0] == 0:
+        return logits.max(dim=0)
+    lg = logits.detach().float().numpy()
+    scratch = TopClassScratch(lg.shape[0], block)
+    parts = [scratch.top_class(lg[:, j : j + block]) for j in range(0, lg.shape[1], block)]
+    if not parts:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+
+
+def gather_pixels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows (N, K) of the pixels where `mask` (B, P) holds, from (B, K, P) maps, image-major.
+
+    On the CPU numpy's take along the pixel axis, then one small transpose, is ~3× faster than
+    torch's boolean gather across the inner dimension."""
+    if not cpu_fast_path(x):
+        return x.transpose(1, 2)[mask].contiguous()
+    parts = [np.take(x[i].detach().numpy(), np.flatnonzero(mask[i].numpy()), axis=1).T for i in range(x.shape[0])]
+    if not parts:
+        return torch.zeros((0, x.shape[1]))
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
+
+
+def _cat_decoded(parts: list[Decoded]) -> Decoded:
+    return Decoded(*(torch.cat([getattr(p, f) for p in parts]) for f in ("a", "b", "dist2", "norm2", "agreement")))
+
+
+def _gather_decoded(dec: Decoded, index: torch.Tensor) -> Decoded:
+    return Decoded(*(getattr(dec, f)[index] for f in ("a", "b", "dist2", "norm2", "agreement")))
+
+
+def _decode_groups(
+    gcell: torch.Tensor, thing_prob: torch.Tensor, agreement: torch.Tensor, B: int, h: int, w: int, cfg: PostprocessConfig
+) -> tuple[torch.Tensor, list[int]]:
+    """Grouping decoder: cells → groups → matrix NMS → painted instances (steps 3-5).
+
+    Returns the instance of every thing pixel (its image's 0..n−1, −1 = none) and n per image. The
+    per-cell sums are one bincount over the batch's B·G² cells, in pixel order as for one image alone.
+    """
+    G = cfg.grid_size
+    n_cells = B * G * G
+    counts = torch.bincount(gcell, minlength=n_cells).cpu().numpy().reshape(B, G * G)
+    prob_sum = torch.bincount(gcell, weights=thing_prob.double(), minlength=n_cells).cpu().numpy().reshape(B, G * G)
+    agree_sum = torch.bincount(gcell, weights=agreement.double(), minlength=n_cells).cpu().numpy().reshape(B, G * G)
+    min_dense = area_px(cfg.merge_min_cell_frac, h, w)
+    min_thing = area_px(cfg.min_thing_area_frac, h, w)
+    owner_of_cell = np.full((B, G * G), -1, dtype=np.int64)
+    n_inst = []
+    for i in range(B):
+        group_of_cell = _group_cells(counts[i].reshape(G, G), cfg.merge_adjacent, min_dense).reshape(-1)  # −1 = empty
+        order, masks, _ = _nms(group_of_cell, counts[i], prob_sum[i], agree_sum[i], cfg, min_thing)
+        owner_of_cell[i] = _paint(order, masks, counts[i], cfg, min_thing)
+        n_inst.append(int(owner_of_cell[i].max()) + 1)  # every painted instance holds pixels: ids 0..n−1 all used
+    owner = torch.from_numpy(owner_of_cell.reshape(-1)).to(gcell.device)[gcell]
+    return owner, n_inst
+
+
+def vote_peaks(votes: torch.Tensor, radius: int, min_mass: float) -> torch.Tensor:
+    """Local maxima of (B, H, W) vote histograms (H = W = G) → (B, H, W) bool.
+
+    A peak has votes, is the maximum of its (2r+1)² window, and the window holds at least `min_mass`
+    votes. Ties go to the cell first in row-major order (strictly above the neighbours before it, at
+    least equal to those after), so a plateau gives one peak.
+    """
+    _, H, W = votes.shape
+    r = radius
+    pad = torch.nn.functional.pad(votes, (r, r, r, r), value=-1.0)  # votes are ≥ 0: the border never wins
+    peak = votes > 0
+    mass = votes.clone()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            if (dy, dx) == (0, 0):
+                continue
+            nb = pad[:, r + dy : r + dy + H, r + dx : r + dx + W]
+            peak &= votes > nb if (dy, dx) < (0, 0) else votes >= nb
+            mass += nb.clamp_min(0.0)
+    return peak & (mass >= min_mass)
+
+
+def _decode_soft_vote(
+    rows: torch.Tensor, gcell: torch.Tensor, img: torch.Tensor, thing_prob: torch.Tensor, agreement: torch.Tensor,
+    B: int, h: int, w: int, cfg: PostprocessConfig, chunk: int = 1 << 15,
+) -> tuple[torch.Tensor, list[int]]:
+    """Soft-vote decoder: every thing pixel votes for its decoded cell with its agreement; the local
+    maxima of the G×G vote histogram are the instance centres; each pixel joins the centre whose code
+    is nearest to its embedding, if it points toward it (positive dot product). An instance is scored as a group is (mean thing probability × mean
+    agreement); those under the minimum area or the score threshold are dropped, the best `nms_top_k`
+    kept, in score order. Returns the instance of every thing pixel (−1 = none) and n per image.
+    """
+    G, dev = cfg.grid_size, rows.device
+    L = rows.shape[1] // 4
+    votes = torch.bincount(gcell, weights=agreement.double(), minlength=B * G * G).reshape(B, G, G)
+    peaks = vote_peaks(votes, cfg.vote_radius_cells, float(area_px(cfg.vote_min_frac, h, w)))
+    centre = peaks.reshape(B, G * G).nonzero()  # K, 2: (image, cell), image-major
+    K = centre.shape[0]
+    owner = torch.full_like(gcell, -1)
+    if K == 0:
+        return owner, [0] * B
+    axis = torch.from_numpy(grid_centres(G)).to(dev, torch.float32)
+    codes = torch.cat([pe_encode(axis[centre[:, 1] % G], L), pe_encode(axis[centre[:, 1] // G], L)], dim=1)  # K, 4L
+    k_per_image = torch.bincount(centre[:, 0], minlength=B).cpu().tolist()
+    px_per_image = torch.bincount(img, minlength=B).cpu().tolist()
+    nearest = torch.empty_like(gcell)
+    p0 = k0 = 0
+    for i in range(B):  # nearest centre of the pixel's own image: min ‖e − c‖² = max e·c, as all codes have ‖c‖² = 2L
+        ki, ni = k_per_image[i], px_per_image[i]
+        if ki:
+            for s in range(p0, p0 + ni, chunk):
+                e = rows[s : min(s + chunk, p0 + ni)]
+                best, k = row_max(e @ codes[k0 : k0 + ki].T)
+                # a pixel pointing away from every centre (or a zero code: void under a thing argmax) joins none
+                nearest[s : s + e.shape[0]] = torch.where(best > 0, k0 + k, -1)
+        else:
+            nearest[p0 : p0 + ni] = -1
+        p0, k0 = p0 + ni, k0 + ki
+    has = nearest >= 0
+    near = nearest[has]
+    area = torch.bincount(near, minlength=K).cpu().numpy()
+    prob = torch.bincount(near, weights=thing_prob[has].double(), minlength=K).cpu().numpy()
+    agree = torch.bincount(near, weights=agreement[has].double(), minlength=K).cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(area > 0, (prob / np.maximum(area, 1)) * (agree / np.maximum(area, 1)), 0.0)
+    min_thing = area_px(cfg.min_thing_area_frac, h, w)
+    local = np.full(K, -1, dtype=np.int64)
+    n_inst = []
+    k0 = 0
+    for i in range(B):
+        ki = k_per_image[i]
+        sc, ar = score[k0 : k0 + ki], area[k0 : k0 + ki]
+        order = np.argsort(-sc, kind="stable")
+        order = order[(ar[order] >= min_thing) & (sc[order] >= cfg.score_threshold)][: cfg.nms_top_k]
+        local[k0 + order] = np.arange(len(order))
+        n_inst.append(len(order))
+        k0 += ki
+    owner[has] = torch.from_numpy(local).to(dev)[near]
+    return owner, n_inst
 
 
 def _segment(seg_id: int, category_id: int, isthing: bool) -> dict[str, Any]:
