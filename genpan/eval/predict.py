@@ -555,10 +555,47 @@ def postprocess_outputs(sem: Any, inst: Any, train_to_category: Sequence[int], t
     return [postprocess(s, i, train_to_category, thing_train_ids, config) for s, i in zip(sem, inst, strict=True)]
 
 
-def _postprocess_in_worker(out: dict[str, Any], train_to_category: Sequence[int], thing_train_ids: set[int],
-                           config: PostprocessConfig) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
-    with torch.inference_mode():  # the outputs are inference tensors; inference mode is per thread
-        return postprocess_outputs(out["sem"], out["inst"], train_to_category, thing_train_ids, config)
+def _cuda_ready(out: dict[str, Any]) -> torch.cuda.Event | None:
+    """An event after the forward pass that made `out`, on the stream it ran on; None for host outputs."""
+    t = next((v for v in out.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    if t is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return event
+
+
+class PostWorker:
+    """Post-processing in its own thread and, for CUDA outputs, on its own CUDA stream: its kernels
+    interleave with the next forward pass, and its host syncs wait for its own work only, not for the
+    forward pass queued behind it on the main stream."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __call__(self, out: dict[str, Any], ready: torch.cuda.Event | None, train_to_category: Sequence[int],
+                 thing_train_ids: set[int], config: PostprocessConfig,
+                 to_host: Sequence[str] = ()) -> tuple[list[tuple[np.ndarray, list[dict[str, Any]]]], dict[str, np.ndarray]]:
+        """(one (id map, segments) per image, the outputs named in `to_host` as numpy)."""
+        with torch.inference_mode():  # the outputs are inference tensors; inference mode is per thread
+            if ready is None:
+                return self._run(out, train_to_category, thing_train_ids, config, to_host)
+            device = out["sem"].device
+            if device not in self.streams:
+                self.streams[device] = torch.cuda.Stream(device)
+            stream = self.streams[device]
+            stream.wait_event(ready)
+            for v in out.values():  # made on the main stream: not to be reused while this stream reads them
+                if isinstance(v, torch.Tensor) and v.is_cuda:
+                    v.record_stream(stream)
+            with torch.cuda.stream(stream):
+                return self._run(out, train_to_category, thing_train_ids, config, to_host)
+
+    @staticmethod
+    def _run(out: dict[str, Any], train_to_category: Sequence[int], thing_train_ids: set[int], config: PostprocessConfig,
+             to_host: Sequence[str]) -> tuple[list[tuple[np.ndarray, list[dict[str, Any]]]], dict[str, np.ndarray]]:
+        results = postprocess_outputs(out["sem"], out["inst"], train_to_category, thing_train_ids, config)
+        return results, {name: _numpy(out[name]) for name in to_host if name in out}
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -597,21 +634,20 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     if meta.inst_encoding != "pe":
         backend = PEAdapter(backend, meta)
 
-    def write_batch(group: list[tuple[Item, tuple[int, int]]], out: dict[str, Any], posted: Future) -> int:
+    def write_batch(group: list[tuple[Item, tuple[int, int]]], posted: Future) -> int:
         """The files of one post-processed batch; each image's record last, once its PNGs are on disk."""
-        results = posted.result()  # post-processing's exception, if any, surfaces here and then in the main thread
+        results, host = posted.result()  # post-processing's exception, if any, surfaces here and then in the main thread
         for k, ((item, orig), (pan, segments)) in enumerate(zip(group, results, strict=True)):
             pan, segments = resize_id_map(pan, segments, orig)
             atomic_write_bytes(pan_dir / item.file_name, encode_panoptic_png(pan))
-            depth = _numpy(out["depth"][k][0]) if "depth" in out else None
+            depth = host["depth"][k][0] if "depth" in host else None
             if depth is not None:
                 atomic_write_bytes(depth_dir / item.file_name, depth_png_mm(depth, orig, s.depth_max))
             if s.save_raw:
                 from genpan.eval.sweep import save_outputs
 
                 raw_dir.mkdir(parents=True, exist_ok=True)
-                save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, _numpy(out["sem"][k]),
-                             _numpy(out["inst"][k]), t2c)
+                save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, host["sem"][k], host["inst"][k], t2c)
             if s.overlays:
                 if depth is not None:
                     depth = cv2.resize(depth.astype(np.float32), (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)
@@ -640,6 +676,8 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     # batch k and another writes batch k-1's files. At most MAX_IN_FLIGHT batches of outputs wait between
     # them, so memory stays bounded and a worker's exception stops the run within a few batches.
     in_flight: deque[Future] = deque()
+    post_worker = PostWorker()
+    to_host = ("depth",) + (("sem", "inst") if s.save_raw else ())  # copied to the host by the post-processing worker
 
     def collect(limit: int) -> None:
         nonlocal predicted
@@ -647,8 +685,8 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
             predicted += in_flight.popleft().result()
 
     def submit(group: list[tuple[Item, tuple[int, int]]], out: dict[str, Any]) -> None:
-        posted = post_pool.submit(_postprocess_in_worker, out, t2c, things, s.postprocess)
-        in_flight.append(write_pool.submit(write_batch, group, out, posted))
+        posted = post_pool.submit(post_worker, out, _cuda_ready(out), t2c, things, s.postprocess, to_host)
+        in_flight.append(write_pool.submit(write_batch, group, posted))
         collect(MAX_IN_FLIGHT)
 
     pending: dict[tuple[int, int], list[tuple[Item, tuple[int, int], np.ndarray]]] = {}
