@@ -3,10 +3,15 @@ the one table; bench/device_table.py records a failed or timed-out step with its
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from genpan.atomic import atomic_write_text
 
@@ -56,3 +61,32 @@ def test_table_records_failures_timeouts_and_skips(tmp_path):
     assert "| hung | timed out after 30 s | 30 | error | started |" in table
     assert "| late | skipped (no time left) |" in table
     assert "1 of 4 steps ok; failed: broken, hung, late." in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA these commands would run for real")
+def test_gpu_commands_parse_and_stop_only_at_the_missing_device(capsys):
+    """Every command of the GPU run is accepted by its script's parser and gets as far as the device check."""
+    listing = subprocess.run(["bash", "bench/device_check.sh", "--commands"], cwd=REPO, env=dict(os.environ, PYTHON="python"),
+                             capture_output=True, text=True, timeout=30, check=True)
+    names = []
+    for line in listing.stdout.splitlines():
+        name, command = line.split("\t")
+        names.append(name)
+        argv = shlex.split(command)
+        while argv[0] == "env" or "=" in argv[0]:
+            argv.pop(0)
+        _, script, *args = argv
+        if script == "-m":  # pytest over a test file
+            assert all((REPO / a).is_file() for a in args if a.endswith(".py"))
+            continue
+        spec = importlib.util.spec_from_file_location(f"device_check_{name}", REPO / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            rc = module.main(args)
+        except ValueError as exc:  # bench/loss_kernels.py raises; its __main__ turns it into exit 2
+            assert "no CUDA" in str(exc), (name, exc)
+            continue
+        err = capsys.readouterr().err
+        assert rc == 2 and "no CUDA" in err and "usage:" not in err, (name, rc, err)
+    assert names[0] == "kernel_tests" and names[-1] == "inference" and len(names) == 7
