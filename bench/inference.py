@@ -13,6 +13,8 @@ the two real COCO val2017 photos under tests/data/coco_panoptic, re-encoded at q
 folder. The weights are random, so the model's outputs are replaced after its forward pass by the
 ideal outputs of a COCO-like random scene with noise (133 classes, ~20 instances, as
 bench/postprocess_speed.py): post-processing then costs what it costs on a trained model's outputs.
+Also timed: (c) post-processing alone (`postprocess_outputs` over the same batches' scene outputs on
+the device, one thread), which says what bounds (b) when it falls short of (a).
 Each figure is the best of --repeats interleaved runs after a warm-up run. Ends with
 `RESULT predict_over_forward=<(b) / (a)>` (goal ≥ 0.8 on a GPU: post-processing and writing hide
 behind the forward pass).
@@ -168,6 +170,7 @@ def scene_outputs(h: int, w: int, batch: int, seed: int = 0) -> dict[str, torch.
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     from genpan.coco_panoptic import load_panoptic_json
+    from genpan.eval.postprocess import PostprocessConfig
     from genpan.eval.predict import (
         InferenceMeta,
         Settings,
@@ -175,6 +178,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         fit_size,
         folder_source,
         normalise_categories,
+        postprocess_outputs,
         run_prediction,
         to_batch,
     )
@@ -246,6 +250,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                 forward.forward(batch)
             sync()
 
+        def postprocess_alone() -> None:  # the scene outputs of every batch, on the device, in this thread
+            for batch in batches:
+                out = predict_backend.scenes[len(batch)]
+                with torch.inference_mode():
+                    postprocess_outputs(out["sem"], out["inst"], meta.train_to_category, meta.thing_train_ids, PostprocessConfig())
+            sync()
+
         def whole_loop() -> None:
             run = run_prediction(predict_backend, meta, source, Settings(Path(tmp) / f"out{next(runs)}", "pred",
                                  size=args.size, batch_size=args.batch_size, progress=False))
@@ -253,15 +264,22 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                 raise RuntimeError(f"predicted {run.predicted} of {args.images} images")
             sync()
 
-        rates = best_rates({"forward": forward_alone, "predict": whole_loop}, args.images, 1, args.repeats)
+        contenders = {"forward": forward_alone, "predict": whole_loop}
+        if not args.model_outputs:
+            contenders["postprocess"] = postprocess_alone
+        rates = best_rates(contenders, args.images, 1, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.arch} at {in_h}x{in_w} ({args.jpeg_size} JPEGs, short side {args.size}), outputs {out_h}x{out_w}, "
           f"batch {args.batch_size}, {args.images} images, {'bf16' if args.bf16 else 'fp32'}, {name}, best of {args.repeats}")
     print(f"forward alone:         {rates['forward']:8.2f} images/s")
     print(f"whole predict loop:    {rates['predict']:8.2f} images/s"
           f"{'' if args.model_outputs else ' (post-processing the scene outputs)'}")
+    if "postprocess" in rates:
+        print(f"post-processing alone: {rates['postprocess']:8.2f} images/s (one thread, outputs on {device.type})")
     print(f"RESULT predict_images_per_s={rates['predict']:.3f}")
     print(f"RESULT forward_images_per_s={rates['forward']:.3f}")
+    if "postprocess" in rates:
+        print(f"RESULT postprocess_images_per_s={rates['postprocess']:.3f}")
     print(f"RESULT predict_over_forward={rates['predict'] / rates['forward']:.3f}")
     return 0
 

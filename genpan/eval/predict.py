@@ -31,6 +31,11 @@ every pixel takes the code of the window whose centre it is nearest (largest ten
 cut by that window's border gets the centroid of its visible part, and can split where the chosen window
 changes; an overlap at least as large as the objects avoids it. Hence resize stays the default.
 
+Pipeline. Worker threads read and resize the next images; the main thread groups them by size and runs
+the forward pass; one worker post-processes batch k (`postprocess_outputs`, on the outputs' device, on a
+side CUDA stream for CUDA outputs) while the model runs batch k+1, and another writes batch k-1's files.
+At most MAX_IN_FLIGHT batches wait between the stages; an error in a worker stops the run.
+
 Backends: `torch` (the checkpoint, eager), `export` (a `.pt2` from eval/export.py), `onnx` (onnxruntime).
 All three run the same post-processing and write the same files. Checkpoints: the trainer's `final.pt`,
 a `checkpoints/step-N` folder (or its `shared.pt`): {"model": state dict, "config": JSON of the TrainConfig};
