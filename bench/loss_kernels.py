@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-gbs", type=float, default=None,
                    help="device peak memory bandwidth in GB/s (default: looked up by device name)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="cuda: the benchmark; cpu: the interpreter smoke check; auto: cuda when present (default)")
     p.add_argument("--D", type=float, default=20.0, help="EDS decay D in pixels (default 20)")
     p.add_argument("--wmin", type=float, default=0.0, help="EDS floor weight (default 0)")
     args = p.parse_args(argv)
@@ -252,10 +254,12 @@ def run_cpu_smoke() -> list[tuple[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device here")
+    if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         results = run_gpu(args)
     else:
-        print("no CUDA device: the benchmark needs a GPU; running the CPU correctness smoke check only "
+        print("CPU: the benchmark needs a GPU; running the CPU correctness smoke check only "
               "(kernels under TRITON_INTERPRET=1 against the reference)")
         results = run_cpu_smoke()
     for key, value in results:

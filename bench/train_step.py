@@ -2,13 +2,21 @@
 
     python bench/train_step.py                       # synthetic shards made in a temp folder
     python bench/train_step.py --shards data/shards/synthetic/train --workers 2
+    python bench/train_step.py --device cuda --step-only --fsdp-steps 5   # the GPU step only, then 5 FSDP2 steps
 
 1. images/s of one full training step (forward, all losses, backward, AdamW) for ViT-S at 224² on the CPU
    and, when CUDA is present, ViT-L at 280² under bf16 autocast with model FLOPs utilisation
    (FLOPs counted by torch.utils.flop_counter over forward + backward, against the GPU's dense bf16 peak).
+   `--device cuda` (or cpu) measures only that device's step; `--fsdp-steps N` adds N steps of the same
+   model wrapped as the trainer wraps it with `run.fsdp` (FSDP2 `fully_shard` per ViT block), in a
+   one-process group (nccl on CUDA, gloo on CPU): images/s and peak memory.
 2. the streaming loader's images/s (genpan/train/data.py: tar → shuffle → decode all fields → collate) against a
    bare loop that only decodes the JPEGs of the same shards in one process; the ratio is the last line:
    RESULT loader_over_decode=<ratio>   (goal ≥ 0.9: the loader costs no more than the decode itself).
+   `--step-only` skips it.
+
+The steps end with `RESULT <device>_train_images_per_s=`, `cuda_train_mfu=` (where the GPU's peak is
+known), `fsdp_images_per_s=` and `fsdp_peak_mem_gib=` (CUDA) lines.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 from genpan.train.augment import loss_size
 from genpan.train.data import BatchStream, DataConfig, resolve_shards
 from genpan.train.losses import LossConfig, compute_losses
-from genpan.train.model import ModelConfig, build_model
+from genpan.train.model import ModelConfig, build_model, tiny_cpu_config
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
@@ -46,13 +54,28 @@ def random_targets(batch: int, h: int, w: int, num_classes: int, device: torch.d
     }
 
 
-def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.device, bf16: bool) -> tuple[float, float]:
-    """(images/s, FLOPs per step) of forward + losses + backward + AdamW at `size`²."""
-    model = build_model(ModelConfig(arch=arch, num_classes=133, img_size=size)).to(device)
+def model_config(arch: str, size: int) -> ModelConfig:
+    """`tiny` is the tiny CPU config (tests and dry runs); other names are DINOv2 sizes."""
+    if arch == "tiny":
+        return tiny_cpu_config(num_classes=133, img_size=size)
+    return ModelConfig(arch=arch, num_classes=133, img_size=size)
+
+
+def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.device, bf16: bool,
+                    fsdp: bool = False) -> tuple[float, float]:
+    """(images/s, FLOPs per step) of forward + losses + backward + AdamW at `size`²; with `fsdp`, the model
+    sharded as the trainer shards it (FSDP2 per ViT block, then the whole), in the current process group."""
+    model = build_model(model_config(arch, size)).to(device)
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.backbone.blocks:
+            fully_shard(block)
+        fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, size, size, generator=gen).to(device)
-    targets = random_targets(batch, *loss_size(size, size), 133, device, gen)
+    targets = random_targets(batch, *loss_size(size, size, model.cfg.patch_size), 133, device, gen)
     loss_cfg = LossConfig()
 
     def step() -> None:
@@ -68,9 +91,13 @@ def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:  # also the warm-up step
+    flops = 0.0
+    if fsdp:  # FLOPs are counted on the unsharded model; here the step is only warmed up
         step()
-    flops = float(counter.get_total_flops())
+    else:
+        with FlopCounterMode(display=False) as counter:  # also the warm-up step
+            step()
+        flops = float(counter.get_total_flops())
     step()
     sync()
     start = time.perf_counter()
@@ -78,6 +105,58 @@ def step_throughput(arch: str, size: int, batch: int, steps: int, device: torch.
         step()
     sync()
     return batch * steps / (time.perf_counter() - start), flops
+
+
+def fsdp_throughput(arch: str, size: int, batch: int, steps: int, device: torch.device, bf16: bool) -> tuple[float, float]:
+    """(images/s, peak GiB allocated on CUDA, else 0) of the FSDP2-sharded step in a one-process group."""
+    import torch.distributed as dist
+
+    with tempfile.NamedTemporaryFile() as store:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store.name}",
+                                rank=0, world_size=1)
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ips, _ = step_throughput(arch, size, batch, steps, device, bf16, fsdp=True)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        finally:
+            dist.destroy_process_group()
+    return ips, peak
+
+
+def run_steps(args: argparse.Namespace) -> None:
+    """The training-step figures of section 1 for the devices --device selects."""
+    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise ValueError("--device cuda but no CUDA device here")
+    if args.device in ("auto", "cpu"):
+        cpu = torch.device("cpu")
+        ips, flops = step_throughput(args.cpu_arch, args.cpu_size, args.cpu_batch, args.cpu_steps, cpu, bf16=False)
+        print(f"{args.cpu_arch} {args.cpu_size}² CPU train step: {ips:.2f} images/s (batch {args.cpu_batch}, "
+              f"{flops / 1e9:.1f} GFLOP/step, {torch.get_num_threads()} threads)")
+        print(f"RESULT cpu_train_images_per_s={ips:.3f}")
+    if args.device == "cuda" or (args.device == "auto" and cuda):
+        gpu = torch.device("cuda")
+        ips, flops = step_throughput(args.gpu_arch, args.gpu_size, args.gpu_batch, args.gpu_steps, gpu, bf16=True)
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        achieved = flops * ips / args.gpu_batch / 1e12
+        mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOPS" if peak else "peak unknown"
+        print(f"{args.gpu_arch} {args.gpu_size}² bf16 train step on {name}: {ips:.1f} images/s (batch {args.gpu_batch}), "
+              f"{achieved:.1f} TFLOPS, MFU {mfu}")
+        print(f"RESULT cuda_train_images_per_s={ips:.3f}")
+        if peak:
+            print(f"RESULT cuda_train_mfu={achieved / peak:.4f}")
+    if args.fsdp_steps:
+        on_gpu = args.device == "cuda" or (args.device == "auto" and cuda)
+        device = torch.device("cuda" if on_gpu else "cpu")
+        arch, size, batch = (args.gpu_arch, args.gpu_size, args.gpu_batch) if on_gpu else (args.cpu_arch, args.cpu_size, args.cpu_batch)
+        ips, peak_gib = fsdp_throughput(arch, size, batch, args.fsdp_steps, device, bf16=on_gpu)
+        memory = f", peak {peak_gib:.1f} GiB allocated" if on_gpu else ""
+        print(f"{arch} {size}² FSDP2 train step, 1 process on {device.type}: {ips:.2f} images/s (batch {batch}{memory})")
+        print(f"RESULT fsdp_images_per_s={ips:.3f}")
+        if on_gpu:
+            print(f"RESULT fsdp_peak_mem_gib={peak_gib:.2f}")
 
 
 def bare_jpeg_decode(urls: list[str]) -> tuple[int, float, float]:
@@ -147,10 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=128, help="smallest side of the synthetic images (default 128)")
     parser.add_argument("--max-size", type=int, default=256, help="largest side of the synthetic images (default 256)")
     parser.add_argument("--loader-batch", type=int, default=8, help="loader batch size")
-    parser.add_argument("--cpu-batch", type=int, default=4, help="batch of the ViT-S CPU step")
-    parser.add_argument("--cpu-steps", type=int, default=3, help="timed ViT-S CPU steps")
-    parser.add_argument("--gpu-batch", type=int, default=32, help="batch of the ViT-L GPU step")
-    parser.add_argument("--gpu-steps", type=int, default=10, help="timed ViT-L GPU steps")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="training steps on: auto (the CPU, and the GPU when CUDA is present), cpu or cuda only")
+    parser.add_argument("--cpu-arch", default="vit_small", help="model of the CPU step: a DINOv2 size or tiny (default vit_small)")
+    parser.add_argument("--cpu-size", type=int, default=224, help="crop side of the CPU step (default 224)")
+    parser.add_argument("--cpu-batch", type=int, default=4, help="batch of the CPU step")
+    parser.add_argument("--cpu-steps", type=int, default=3, help="timed CPU steps")
+    parser.add_argument("--gpu-arch", default="vit_large", help="model of the GPU step (default vit_large)")
+    parser.add_argument("--gpu-size", type=int, default=280, help="crop side of the GPU step (default 280)")
+    parser.add_argument("--gpu-batch", type=int, default=32, help="batch of the GPU step")
+    parser.add_argument("--gpu-steps", type=int, default=10, help="timed GPU steps")
+    parser.add_argument("--fsdp-steps", type=int, default=0,
+                        help="also time this many FSDP2 steps in a one-process group (GPU model and batch on CUDA; default 0)")
+    parser.add_argument("--step-only", action="store_true", help="only the training steps, not the loader comparison")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     parser.add_argument("--skip-steps", action="store_true", help="only the loader comparison")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of the JPEG loop and the loader; the best of each counts")
@@ -161,22 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.step_only:
+            run_steps(args)
+            return 0
         with tempfile.TemporaryDirectory() as tmp:
             shards = args.shards or str(make_shards(Path(tmp), args.images, args.min_size, args.max_size))
             urls = resolve_shards(shards)
             if not args.skip_steps:
-                cpu = torch.device("cpu")
-                ips, flops = step_throughput("vit_small", 224, args.cpu_batch, args.cpu_steps, cpu, bf16=False)
-                print(f"ViT-S 224² CPU train step: {ips:.2f} images/s (batch {args.cpu_batch}, {flops / 1e9:.1f} GFLOP/step,"
-                      f" {torch.get_num_threads()} threads)")
-                if torch.cuda.is_available():
-                    gpu = torch.device("cuda")
-                    ips, flops = step_throughput("vit_large", 280, args.gpu_batch, args.gpu_steps, gpu, bf16=True)
-                    name = torch.cuda.get_device_name()
-                    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-                    achieved = flops * ips / args.gpu_batch / 1e12
-                    mfu = f"{100 * achieved / peak:.1f}% of {peak:.0f} TFLOPS" if peak else "peak unknown"
-                    print(f"ViT-L 280² bf16 train step on {name}: {ips:.1f} images/s, {achieved:.1f} TFLOPS, MFU {mfu}")
+                run_steps(args)
             # interleaved repeats, best of each: a burst of load from elsewhere then hits one run, not the ratio
             decode_ips = loader_ips = 0.0
             jpeg_cpu = loader_cpu = float("inf")

@@ -5,6 +5,8 @@ again while interpreting, so it must be set before triton is first imported and 
 therefore runs in its own process, started by tests/test_kernels.py with the variable set; collected
 in an ordinary pytest run it skips itself, and the other test modules never see the variable.
 Run it alone with: TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels_interpreted.py
+On a GPU the same tests run compiled, on CUDA tensors, without the interpreter:
+GENPAN_KERNEL_TEST_DEVICE=cuda python -m pytest -q tests/test_kernels_interpreted.py (bench/device_check.sh does).
 
 Tolerances. fp32: forward rtol 1e-5. Gradients rtol 1e-5 plus atol 1e-5·max|g_ref|: every gradient
 element is a sum of several terms (weighted loss, up to four TV pairs) that partly cancel, so its
@@ -24,7 +26,11 @@ import os
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
+DEVICE = torch.device(os.environ.get("GENPAN_KERNEL_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        pytest.skip("GENPAN_KERNEL_TEST_DEVICE=cuda needs a CUDA device and TRITON_INTERPRET unset", allow_module_level=True)
+elif os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from process start; tests/test_kernels.py runs it in a subprocess",
                 allow_module_level=True)
 
@@ -51,13 +57,13 @@ def _grads(fn, x, g_a=0.7, g_b=-1.3):
 
 def inst_inputs(B=2, n_harm=2, H=13, W=23, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    pred = torch.randn(B, 4 * n_harm, H, W, generator=g).to(dtype).requires_grad_()
+    pred = torch.randn(B, 4 * n_harm, H, W, generator=g).to(DEVICE, dtype).requires_grad_()
     u = torch.rand(B, H, W, generator=g) * 2 - 1
     v = torch.rand(B, H, W, generator=g) * 2 - 1
     crowd = torch.rand(B, H, W, generator=g) > 0.85
     valid = (torch.rand(B, H, W, generator=g) > 0.4) & ~crowd
     dist = torch.rand(B, H, W, generator=g) * 6
-    return pred, u, v, valid, crowd, dist
+    return pred, *(t.to(DEVICE) for t in (u, v, valid, crowd, dist))
 
 
 def _inst_check(pred, u, v, valid, crowd, dist, n_harm, D=4.0, wmin=0.05, grad_rtol=1e-5):
@@ -113,11 +119,11 @@ def test_inst_bf16_prediction():
 
 def sem_inputs(B=2, C=19, H=5, W=17, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, C, H, W, generator=g) * 3).to(dtype).requires_grad_()
+    logits = (torch.randn(B, C, H, W, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
     labels = torch.randint(0, C, (B, H, W), generator=g)
     labels[torch.rand(B, H, W, generator=g) > 0.8] = 255
     dist = torch.rand(B, H, W, generator=g) * 6
-    return logits, labels, dist
+    return logits, labels.to(DEVICE), dist.to(DEVICE)
 
 
 def _sem_check(logits, labels, dist, D=4.0, wmin=0.05, grad_rtol=1e-5):
@@ -155,7 +161,7 @@ def test_sem_bf16_logits():
 def test_compute_losses_triton_backend_equals_torch_backend():
     pred, u, v, valid, crowd, dist = inst_inputs(H=6, W=11, seed=9)
     logits, labels, _ = sem_inputs(H=6, W=11, seed=10)
-    ins = (valid.long() * (1 + (torch.arange(11) > 5).long())).expand_as(valid).contiguous()
+    ins = (valid.long() * (1 + (torch.arange(11, device=DEVICE) > 5).long())).expand_as(valid).contiguous()
     targets = {"sem": labels, "dist": dist, "u": u, "v": v, "valid": valid, "ignore": crowd, "ins": ins}
     results = {}
     for backend in ("torch", "triton"):
@@ -177,4 +183,4 @@ def test_compute_losses_triton_backend_equals_torch_backend():
 def test_selfcheck_passes_for_the_real_kernels():
     from genpan.kernels.selfcheck import check_kernels
 
-    assert check_kernels("cpu", torch.float32) is None
+    assert check_kernels(DEVICE, torch.float32) is None

@@ -31,6 +31,11 @@ every pixel takes the code of the window whose centre it is nearest (largest ten
 cut by that window's border gets the centroid of its visible part, and can split where the chosen window
 changes; an overlap at least as large as the objects avoids it. Hence resize stays the default.
 
+Pipeline. Worker threads read and resize the next images; the main thread groups them by size and runs
+the forward pass; one worker post-processes batch k (`postprocess_outputs`, on the outputs' device, on a
+side CUDA stream for CUDA outputs) while the model runs batch k+1, and another writes batch k-1's files.
+At most MAX_IN_FLIGHT batches wait between the stages; an error in a worker stops the run.
+
 Backends: `torch` (the checkpoint, eager), `export` (a `.pt2` from eval/export.py), `onnx` (onnxruntime).
 All three run the same post-processing and write the same files. Checkpoints: the trainer's `final.pt`,
 a `checkpoints/step-N` folder (or its `shared.pt`): {"model": state dict, "config": JSON of the TrainConfig};
@@ -46,7 +51,7 @@ import sys
 import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,24 +299,33 @@ def prefetch(pool: ThreadPoolExecutor, fn, items: Sequence[Any], ahead: int) -> 
 
 # ---------------------------------------------------------------------------------------------- backends
 class Backend:
-    """Callable (B, 3, H, W) float32 → {"sem", "inst"[, "depth"]} as numpy float32."""
+    """Callable (B, 3, H, W) float32 → {"sem", "inst"[, "depth"]} as numpy float32.
+
+    `forward` is the same as tensors: a backend whose model runs in torch keeps them on its device, so
+    post-processing starts there without a copy to the host (and without waiting for the copy)."""
 
     names: list[str]
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def forward(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self(batch).items()}
+
 
 class TorchBackend(Backend):
     def __init__(self, model: torch.nn.Module, device: str, bf16: bool = False) -> None:
         self.model, self.device, self.bf16 = model.to(device).eval(), torch.device(device), bf16
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(batch).to(self.device)
+        return {k: v.cpu().numpy() for k, v in self.forward(batch).items()}
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(x)
-        return {k: v.float().cpu().numpy() for k, v in out.items()}
+        return {k: v.float() for k, v in out.items()}
 
 
 class PEAdapter(Backend):
@@ -321,10 +335,19 @@ class PEAdapter(Backend):
     def __init__(self, inner: Backend, meta: InferenceMeta) -> None:
         self.inner, self.meta = inner, meta
 
+    def _as_pe(self, inst: np.ndarray) -> np.ndarray:
+        m = self.meta
+        return np.stack([as_pe_embeddings(x, m.inst_encoding, m.num_harmonics, m.uv_bins) for x in inst])
+
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         out = self.inner(batch)
-        m = self.meta
-        out["inst"] = np.stack([as_pe_embeddings(x, m.inst_encoding, m.num_harmonics, m.uv_bins) for x in out["inst"]])
+        out["inst"] = self._as_pe(out["inst"])
+        return out
+
+    def forward(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.inner.forward(batch)
+        inst = out["inst"]
+        out["inst"] = torch.from_numpy(self._as_pe(inst.cpu().numpy())).to(inst.device)
         return out
 
 
@@ -333,10 +356,13 @@ class ExportBackend(Backend):
         program = torch.export.load(str(path))
         self.module, self.names, self.device = program.module().to(device), names, torch.device(device)
 
-    @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        out = self.module(torch.from_numpy(batch).to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in zip(self.names, out)}
+        return {k: v.cpu().numpy() for k, v in self.forward(batch).items()}
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.module(torch.from_numpy(batch).to(self.device, non_blocking=True))
+        return {k: v.float() for k, v in zip(self.names, out)}
 
 
 class OnnxBackend(Backend):
@@ -524,6 +550,63 @@ def _state_file(state: Path, item: Item) -> Path:
     return state / f"{item.file_name}.json"
 
 
+MAX_IN_FLIGHT = 2  # batches of outputs held between the forward pass and the finished files
+
+
+def postprocess_outputs(sem: Any, inst: Any, train_to_category: Sequence[int], thing_train_ids: set[int],
+                        config: PostprocessConfig) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """A batch of outputs, sem (B, C, h, w) and inst (B, 4L, h, w) on any device → one (id map, segments)
+    per image. Every prediction goes through here, whatever the mode or backend."""
+    return [postprocess(s, i, train_to_category, thing_train_ids, config) for s, i in zip(sem, inst, strict=True)]
+
+
+def _cuda_ready(out: dict[str, Any]) -> torch.cuda.Event | None:
+    """An event after the forward pass that made `out`, on the stream it ran on; None for host outputs."""
+    t = next((v for v in out.values() if isinstance(v, torch.Tensor) and v.is_cuda), None)
+    if t is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return event
+
+
+class PostWorker:
+    """Post-processing in its own thread and, for CUDA outputs, on its own CUDA stream: its kernels
+    interleave with the next forward pass, and its host syncs wait for its own work only, not for the
+    forward pass queued behind it on the main stream."""
+
+    def __init__(self) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __call__(self, out: dict[str, Any], ready: torch.cuda.Event | None, train_to_category: Sequence[int],
+                 thing_train_ids: set[int], config: PostprocessConfig,
+                 to_host: Sequence[str] = ()) -> tuple[list[tuple[np.ndarray, list[dict[str, Any]]]], dict[str, np.ndarray]]:
+        """(one (id map, segments) per image, the outputs named in `to_host` as numpy)."""
+        with torch.inference_mode():  # the outputs are inference tensors; inference mode is per thread
+            if ready is None:
+                return self._run(out, train_to_category, thing_train_ids, config, to_host)
+            device = out["sem"].device
+            if device not in self.streams:
+                self.streams[device] = torch.cuda.Stream(device)
+            stream = self.streams[device]
+            stream.wait_event(ready)
+            for v in out.values():  # made on the main stream: not to be reused while this stream reads them
+                if isinstance(v, torch.Tensor) and v.is_cuda:
+                    v.record_stream(stream)
+            with torch.cuda.stream(stream):
+                return self._run(out, train_to_category, thing_train_ids, config, to_host)
+
+    @staticmethod
+    def _run(out: dict[str, Any], train_to_category: Sequence[int], thing_train_ids: set[int], config: PostprocessConfig,
+             to_host: Sequence[str]) -> tuple[list[tuple[np.ndarray, list[dict[str, Any]]]], dict[str, np.ndarray]]:
+        results = postprocess_outputs(out["sem"], out["inst"], train_to_category, thing_train_ids, config)
+        return results, {name: _numpy(out[name]) for name in to_host if name in out}
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settings: Settings) -> PredictionRun:
     """Predict every item of `source`; returns the written JSON path, the counts and the skipped inputs.
 
@@ -556,27 +639,30 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
     if meta.inst_encoding != "pe":
         backend = PEAdapter(backend, meta)
 
-    def finish(index: int, item: Item, orig: tuple[int, int], out: dict[str, np.ndarray]) -> None:
-        nonlocal predicted
-        pan, segments = postprocess(out["sem"], out["inst"], t2c, things, s.postprocess)
-        pan, segments = resize_id_map(pan, segments, orig)
-        atomic_write_bytes(pan_dir / item.file_name, encode_panoptic_png(pan))
-        if "depth" in out:
-            atomic_write_bytes(depth_dir / item.file_name, depth_png_mm(out["depth"][0], orig, s.depth_max))
-        if s.save_raw:
-            from genpan.eval.sweep import save_outputs
+    def write_batch(group: list[tuple[Item, tuple[int, int]]], posted: Future) -> int:
+        """The files of one post-processed batch; each image's record last, once its PNGs are on disk."""
+        results, host = posted.result()  # post-processing's exception, if any, surfaces here and then in the main thread
+        for k, ((item, orig), (pan, segments)) in enumerate(zip(group, results, strict=True)):
+            pan, segments = resize_id_map(pan, segments, orig)
+            atomic_write_bytes(pan_dir / item.file_name, encode_panoptic_png(pan))
+            depth = host["depth"][k][0] if "depth" in host else None
+            if depth is not None:
+                atomic_write_bytes(depth_dir / item.file_name, depth_png_mm(depth, orig, s.depth_max))
+            if s.save_raw:
+                from genpan.eval.sweep import save_outputs
 
-            raw_dir.mkdir(parents=True, exist_ok=True)
-            save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, out["sem"], out["inst"], t2c)
-        if s.overlays:
-            depth = None
-            if "depth" in out:
-                depth = cv2.resize(out["depth"][0].astype(np.float32), (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)
-            write_png(s.out / f"overlay_{s.name}" / item.file_name, overlay_picture(read_rgb(item.path), (pan, segments), names, None, depth))
-        record = {"annotation": {"image_id": item.image_id, "file_name": item.file_name, "segments_info": segments},
-                  "image": {"id": item.image_id, "file_name": Path(item.path.split("::")[-1]).name, "height": orig[0], "width": orig[1]}}
-        atomic_write_text(_state_file(state, item), json.dumps(record))  # last: the image counts as done only now
-        predicted += 1
+                raw_dir.mkdir(parents=True, exist_ok=True)
+                save_outputs(raw_dir / Path(item.file_name).with_suffix(".npz"), item.image_id, host["sem"][k], host["inst"][k], t2c)
+            if s.overlays:
+                if depth is not None:
+                    depth = cv2.resize(depth.astype(np.float32), (orig[1], orig[0]), interpolation=cv2.INTER_LINEAR)
+                write_png(s.out / f"overlay_{s.name}" / item.file_name,
+                          overlay_picture(read_rgb(item.path), (pan, segments), names, None, depth))
+            record = {"annotation": {"image_id": item.image_id, "file_name": item.file_name, "segments_info": segments},
+                      "image": {"id": item.image_id, "file_name": Path(item.path.split("::")[-1]).name,
+                                "height": orig[0], "width": orig[1]}}
+            atomic_write_text(_state_file(state, item), json.dumps(record))  # last: the image counts as done only now
+        return len(group)
 
     def load(item: Item) -> tuple[np.ndarray, tuple[int, int]] | str:
         try:
@@ -591,31 +677,50 @@ def run_prediction(backend: Backend, meta: InferenceMeta, source: Source, settin
         short = s.slide_short_side or min(orig)
         return resize_rgb(img, fit_size(*orig, short, patch)), orig
 
-    pending: dict[tuple[int, int], list[tuple[int, Item, tuple[int, int], np.ndarray]]] = {}
+    # Three stages run at once: the main thread feeds the model batch k+1 while one worker post-processes
+    # batch k and another writes batch k-1's files. At most MAX_IN_FLIGHT batches of outputs wait between
+    # them, so memory stays bounded and a worker's exception stops the run within a few batches.
+    in_flight: deque[Future] = deque()
+    post_worker = PostWorker()
+    to_host = ("depth",) + (("sem", "inst") if s.save_raw else ())  # copied to the host by the post-processing worker
+
+    def collect(limit: int) -> None:
+        nonlocal predicted
+        while len(in_flight) > limit:
+            predicted += in_flight.popleft().result()
+
+    def submit(group: list[tuple[Item, tuple[int, int]]], out: dict[str, Any]) -> None:
+        posted = post_pool.submit(post_worker, out, _cuda_ready(out), t2c, things, s.postprocess, to_host)
+        in_flight.append(write_pool.submit(write_batch, group, posted))
+        collect(MAX_IN_FLIGHT)
+
+    pending: dict[tuple[int, int], list[tuple[Item, tuple[int, int], np.ndarray]]] = {}
 
     def flush(shape: tuple[int, int]) -> None:
         group = pending.pop(shape)
-        out = backend(to_batch([g[3] for g in group]))
-        for k, (index, item, orig, _) in enumerate(group):
-            finish(index, item, orig, {name: arr[k] for name, arr in out.items()})
+        submit([(item, orig) for item, orig, _ in group], backend.forward(to_batch([g[2] for g in group])))
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # decode/resize the next images while the model runs
+    # decode/resize the next images, post-process and write in worker threads while the model runs
+    with (ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as post_pool,
+          ThreadPoolExecutor(max_workers=1) as write_pool):
         loaded = prefetch(pool, load, [item for _, item in todo], ahead=4 * s.batch_size)
         bar = tqdm(zip(todo, loaded), total=len(todo), desc="predict", unit="img", disable=not s.progress)
-        for (index, item), got in bar:
+        for (_, item), got in bar:
             if isinstance(got, str):
                 skipped.append({"path": item.path, "reason": got})
                 tqdm.write(f"skipped: {got}" if item.path in got else f"skipped: {item.path}: {got}", file=sys.stderr)
                 continue
             img, orig = got
             if s.mode == "slide":
-                finish(index, item, orig, predict_sliding(backend, img, size, s.overlap, s.batch_size, s.postprocess.grid_size, patch))
+                out = predict_sliding(backend, img, size, s.overlap, s.batch_size, s.postprocess.grid_size, patch)
+                submit([(item, orig)], {k: v[None] for k, v in out.items()})
                 continue
-            pending.setdefault(img.shape[:2], []).append((index, item, orig, img))
+            pending.setdefault(img.shape[:2], []).append((item, orig, img))
             if len(pending[img.shape[:2]]) >= s.batch_size:
                 flush(img.shape[:2])
         for shape in list(pending):
             flush(shape)
+        collect(0)
 
     records = [json.loads(_state_file(state, item).read_text()) for item in source.items if _state_file(state, item).is_file()]
     result = {

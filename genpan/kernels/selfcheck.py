@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: no CUDA device here; use --device cpu with TRITON_INTERPRET=1 to check under the interpreter", file=sys.stderr)
         return 2
-    failed = False
+    failures = 0
     print("| device | dtype | result |\n|---|---|---|")
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name.strip(), None)
@@ -104,9 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: unknown dtype {name!r}", file=sys.stderr)
             return 2
         reason = check_kernels(args.device, dtype)
-        failed |= reason is not None
+        failures += reason is not None
         print(f"| {args.device} | {name.strip()} | {'ok' if reason is None else 'FAIL: ' + reason} |")
-    return 1 if failed else 0
+    print(f"RESULT kernel_selfcheck_failures={failures}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
