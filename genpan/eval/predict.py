@@ -65,7 +65,7 @@ from genpan.atomic import atomic_write_bytes, atomic_write_text
 from genpan.coco_panoptic import encode_panoptic_png, load_panoptic_json
 from genpan.config import from_dict, load_config, to_dict
 from genpan.eval.overlays import overlay_picture, write_png
-from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess, resize_id_map
+from genpan.eval.postprocess import PostprocessConfig, as_pe_embeddings, decode_embeddings, grid_centres, postprocess_batch, resize_id_map
 from genpan.labels import pe_target
 from genpan.prep.readers.base import contiguous_train_ids
 from genpan.prep.readers.image_header import image_info
@@ -557,7 +557,7 @@ def postprocess_outputs(sem: Any, inst: Any, train_to_category: Sequence[int], t
                         config: PostprocessConfig) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
     """A batch of outputs, sem (B, C, h, w) and inst (B, 4L, h, w) on any device → one (id map, segments)
     per image. Every prediction goes through here, whatever the mode or backend."""
-    return [postprocess(s, i, train_to_category, thing_train_ids, config) for s, i in zip(sem, inst, strict=True)]
+    return postprocess_batch(sem, inst, train_to_category, thing_train_ids, config)
 
 
 def _cuda_ready(out: dict[str, Any]) -> torch.cuda.Event | None:
