@@ -2,6 +2,7 @@
 
 Kept only as the reference of the equality tests (tests/test_postprocess_batch.py) and of the speed
 comparison (bench/postprocess_speed.py): the library code must give the same id maps and segments.
+The per-pixel part is copied; the cell-level steps it calls are the library's own.
 Not imported by the library.
 """
 
@@ -15,9 +16,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
-from genpan.eval.postprocess import PostprocessConfig, area_px, grid_centres
+# the cell-level steps (grouping, NMS, painting) were not rewritten: both sides share them
+from genpan.eval.postprocess import PostprocessConfig, _as_tensor, _group_cells, _nms, _paint, _segment, area_px, grid_centres
 from genpan.labels import pe_encode
 from genpan.prep.targets import segment_stats
 
@@ -203,130 +204,3 @@ def postprocess(
     for seg, st in zip(segments, segment_stats(pan, [s["id"] for s in segments])):
         seg["area"], seg["bbox"] = st.area, list(st.bbox)
     return pan, segments
-
-
-def _segment(seg_id: int, category_id: int, isthing: bool) -> dict[str, Any]:
-    return {"id": seg_id, "category_id": int(category_id), "iscrowd": 0, "isthing": isthing, "area": 0, "bbox": [0, 0, 0, 0]}
-
-
-def _group_cells(counts: np.ndarray, merge: bool, min_dense: int) -> np.ndarray:
-    """(G, G) pixel counts → group label per cell (−1 where empty).
-
-    Without merging every occupied cell is a group. With merging, cells holding at least `min_dense`
-    pixels form 8-connected components; a sparser occupied cell joins the component of its most
-    populated dense neighbour, or stays a group of its own.
-    """
-    occupied = counts > 0
-    groups = np.full(counts.shape, -1, dtype=np.int64)
-    if not merge:
-        groups[occupied] = np.arange(int(occupied.sum()))
-        return groups
-    dense = counts >= min_dense
-    labels, n = ndimage.label(dense, structure=np.ones((3, 3), dtype=bool))
-    groups[dense] = labels[dense] - 1
-    sparse = occupied & ~dense
-    if sparse.any():
-        G = counts.shape[0]
-        pad_counts = np.pad(np.where(dense, counts, -1), 1, constant_values=-1)
-        pad_groups = np.pad(groups, 1, constant_values=-1)
-        best_count = np.full(counts.shape, -1, dtype=np.int64)
-        best_group = np.full(counts.shape, -1, dtype=np.int64)
-        for dy, dx in _NEIGHBOURS_8:
-            nc = pad_counts[1 + dy : 1 + dy + G, 1 + dx : 1 + dx + G]
-            ng = pad_groups[1 + dy : 1 + dy + G, 1 + dx : 1 + dx + G]
-            better = nc > best_count
-            best_count[better], best_group[better] = nc[better], ng[better]
-        joins = sparse & (best_group >= 0)
-        groups[joins] = best_group[joins]
-        alone = sparse & (best_group < 0)
-        groups[alone] = n + np.arange(int(alone.sum()))
-    return groups
-
-
-def _nms(
-    group_of_cell: np.ndarray,
-    counts: np.ndarray,
-    prob_sum: np.ndarray,
-    agree_sum: np.ndarray,
-    cfg: PostprocessConfig,
-    min_area: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score groups and run matrix NMS on their cell masks; groups under `min_area` pixels do not enter.
-
-    Returns (order, masks, decayed scores): `masks` is (K, G²) bool over cells, `order` the indices
-    of the kept groups best first. Score = mean thing probability × mean agreement over the group's
-    own pixels.
-    """
-    G = cfg.grid_size
-    n_groups = int(group_of_cell.max()) + 1 if group_of_cell.size else 0
-    if n_groups == 0:
-        return np.zeros(0, np.int64), np.zeros((0, G * G), bool), np.zeros(0)
-    occupied = group_of_cell >= 0
-    gid = group_of_cell[occupied]
-    area = np.bincount(gid, weights=counts[occupied], minlength=n_groups)
-    score = (np.bincount(gid, weights=prob_sum[occupied], minlength=n_groups) / area) * (
-        np.bincount(gid, weights=agree_sum[occupied], minlength=n_groups) / area
-    )
-    cand = np.argsort(-score, kind="stable")
-    cand = cand[area[cand] >= min_area][: cfg.nms_pre_top_k]  # noise singletons would only cost NMS time
-    # a group's mask: its cells, widened by the radius around every cell (binary dilation on the grid)
-    masks = np.zeros((len(cand), G, G), dtype=bool)
-    where = np.full(n_groups, -1, dtype=np.int64)
-    where[cand] = np.arange(len(cand))
-    sel = occupied & (where[np.maximum(group_of_cell, 0)] >= 0)
-    rows = where[group_of_cell[sel]]
-    cells = np.flatnonzero(sel)
-    masks[rows, cells // G, cells % G] = True
-    if cfg.mask_radius_cells > 0:
-        r = cfg.mask_radius_cells
-        masks = ndimage.binary_dilation(masks, structure=np.ones((1, 2 * r + 1, 2 * r + 1), dtype=bool))
-    masks = masks.reshape(len(cand), G * G)
-    decayed = score[cand] * matrix_nms_decay(masks, counts, cfg.nms_sigma)
-    order = np.argsort(-decayed, kind="stable")
-    order = order[decayed[order] >= cfg.score_threshold][: cfg.nms_top_k]
-    return order, masks, decayed
-
-
-def matrix_nms_decay(masks: np.ndarray, pixel_weight: np.ndarray, sigma: float) -> np.ndarray:
-    """Matrix NMS decay factors (SOLOv2, gaussian kernel) for masks sorted best score first.
-
-    `masks` (K, M) bool over M cells, each cell weighing `pixel_weight` pixels. For j, over every
-    better mask i: decay_j = min_i exp(−σ·IoU_ij²) / exp(−σ·IoU_i,max²), where IoU_i,max is i's own
-    largest IoU with a mask better than i (0 for the best mask).
-    """
-    used = pixel_weight > 0  # empty cells add nothing: dropping them shrinks the matmul ~10×
-    dense = torch.from_numpy(np.ascontiguousarray(masks[:, used], dtype=np.float64))
-    weighted = dense * torch.from_numpy(pixel_weight[used].astype(np.float64))[None, :]
-    # torch, not numpy: numpy's BLAS threads stall for tens of ms on a busy machine, torch obeys set_num_threads
-    inter = (weighted @ dense.T).numpy()
-    mask_area = weighted.sum(dim=1).numpy()
-    union = mask_area[:, None] + mask_area[None, :] - inter
-    iou = np.triu(np.divide(inter, union, out=np.zeros_like(inter), where=union > 0), k=1)  # row i better than col j
-    iou_cmax = iou.max(axis=0) if len(iou) else np.zeros(0)
-    return np.exp(-sigma * (iou**2 - iou_cmax[:, None] ** 2)).min(axis=0) if len(iou) else np.zeros(0)
-
-
-def _paint(order: np.ndarray, masks: np.ndarray, counts: np.ndarray, cfg: PostprocessConfig, min_area: int) -> np.ndarray:
-    """Assign cells to instances in decayed-score order → instance index per cell (−1 = none).
-
-    An instance keeps the cells of its mask no better instance took, when they hold at least
-    `overlap_threshold` of its mask's pixels and at least `min_area` pixels; indices are 0..N−1 in order.
-    """
-    owner = np.full(counts.shape[0], -1, dtype=np.int64)
-    n = 0
-    for k in order:
-        mine = masks[k] & (owner < 0) & (counts > 0)
-        kept = counts[mine].sum()
-        total = counts[masks[k]].sum()
-        if kept == 0 or kept < cfg.overlap_threshold * total or kept < min_area:
-            continue
-        owner[mine] = n
-        n += 1
-    return owner
-
-
-INST_ENCODINGS = ("pe", "rgb", "uvcls")
-
-
-def _as_tensor(x: Any) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
