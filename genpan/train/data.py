@@ -104,7 +104,12 @@ def _local_members(path: Path, url: str, selected: Callable[[str], bool]) -> Ite
     with tarfile.open(path) as tar:
         for member in tar:
             if member.isreg() and selected(member.name):
-                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}  # type: ignore[union-attr]
+                # a regular member's bytes lie contiguous at offset_data: one read, no file object per member
+                tar.fileobj.seek(member.offset_data)  # type: ignore[union-attr]
+                data = tar.fileobj.read(member.size)  # type: ignore[union-attr]
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"unexpected end of data in {member.name}")
+                yield {"fname": member.name, "data": data, "__url__": url}
             tar.members = []  # a long shard's headers are not kept
     yield {}
 

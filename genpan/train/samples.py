@@ -139,7 +139,8 @@ def decode_into(sample: ParsedSample, out: dict[str, np.ndarray]) -> None:
         raise RuntimeError(f"OpenCV did not write into the batch buffer ({image.shape}, strides {image.strides})")
     np.copyto(out["sem"], _plane(sample, "sem.zst", (np.uint8,)))  # train ids are 8-bit (255 = void)
     # int16 halves what workers hand to the trainer: instance indices are < 2^15 (parse_sample checks)
-    np.copyto(out["ins"], _plane(sample, "ins.zst"), casting="unsafe")
+    ins = _plane(sample, "ins.zst")
+    np.copyto(out["ins"], ins.view(np.int16) if ins.dtype == np.uint16 else ins, casting="unsafe")  # same bits: a plain copy
     _distance_into(out["dist"], _plane(sample, "dist.zst"), sample.dist_factor)
     if sample.depth == "depth":  # depth.zst: millimetres, 0 = no measurement
         stored = _plane(sample, "depth.zst", (np.uint16,))
