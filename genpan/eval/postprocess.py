@@ -347,7 +347,7 @@ def cpu_fast_path(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-CPU_BLOCK = 2048  # pixels per block: 133 classes × 2048 px of float32 ≈ 1 MB, an L2 cache's worth
+CPU_BLOCK = 8192  # pixels per block: 133 classes × 8192 px of float32 ≈ 4 MB; measured 20 % faster than 2048 or 16384 at 480²
 
 
 def _class_pass_cpu(
