@@ -27,6 +27,8 @@ from genpan.eval.postprocess import (
     ideal_outputs,
     postprocess,
     postprocess_batch,
+    prob_bounds,
+    rank,
     top_class,
     vote_peaks,
 )
@@ -163,6 +165,73 @@ def test_gather_shifted_equals_boolean_indexing() -> None:
         k = _gather_shifted(b, top, mask, out)
         assert k == mask.sum()
         np.testing.assert_array_equal(out[:, :k], b[:, mask] - top[mask])
+
+
+def test_prob_bounds_hold_the_exact_thing_probability() -> None:
+    rng = np.random.default_rng(6)
+    for C, n_thing in ((133, 80), (4, 2), (5, 4)):
+        logits = (rng.normal(size=(C, 4000)) * rng.choice([0.1, 3.0, 30.0], size=(1, 4000))).astype(np.float64)
+        shifted = np.exp(logits - logits.max(axis=0))
+        p = shifted[:n_thing].sum(axis=0) / shifted.sum(axis=0)
+        lo, hi = prob_bounds(logits[:n_thing].max(axis=0), logits[n_thing:].max(axis=0), n_thing, C - n_thing)
+        assert (lo <= p * (1 + 1e-12)).all() and (p <= hi * (1 + 1e-12)).all()
+        assert ((hi - lo) < 1e-6).any() and ((hi - lo) > 0.1).any()  # tight on confident pixels, loose elsewhere
+
+
+def test_rank_from_bounds_equals_rank_of_any_score_inside_or_gives_up() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        score = rng.choice([0.05, 0.2, 0.5, 0.9], n) + rng.normal(0, 0.01, n)  # near-ties, the threshold 0.1 on both sides
+        eligible = rng.random(n) < 0.8
+        width = rng.choice([0.0, 1e-4, 0.02])
+        lo, hi = score - rng.random(n) * width, score + rng.random(n) * width
+        for threshold, top_k in ((None, 3), (0.1, 5), (0.1, 1)):
+            want = rank(score, score, eligible, top_k, threshold)
+            got = rank(lo, hi, eligible, top_k, threshold)
+            if got is not None:
+                np.testing.assert_array_equal(got, want)
+            inside = lo + rng.random(n) * (hi - lo)
+            if got is not None:
+                np.testing.assert_array_equal(rank(inside, inside, eligible, top_k, threshold), want)
+    tie = np.array([0.5, 0.5])
+    assert rank(tie, tie + 1e-9, np.ones(2, bool), 2) is None  # cannot tell the order
+    assert rank(np.array([0.09]), np.array([0.11]), np.ones(1, bool), 2, 0.1) is None  # kept or dropped?
+    assert rank(np.array([np.nan]), np.array([1.0]), np.ones(1, bool), 2) is None
+
+
+def _confident_coco_scene(seed: int, h: int = 120, w: int = 160, C: int = 133) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal outputs of a random 133-class scene with logit noise σ = 1 (well below the logit 20) and code noise 0.2."""
+    rng = np.random.default_rng(seed)
+    pan = np.full((h, w), 1, np.int32)
+    segs = [{"id": 1, "category_id": 100, "iscrowd": 0}]
+    for k in range(12):
+        y, x = rng.integers(0, h - 30), rng.integers(0, w - 40)
+        pan[y : y + rng.integers(8, 40), x : x + rng.integers(8, 50)] = 10 + k
+        segs.append({"id": 10 + k, "category_id": int(rng.integers(80)), "iscrowd": 0})
+    segs = [s for s in segs if (pan == s["id"]).any()]
+    sem, inst = ideal_outputs(pan, segs, {c: c for c in range(C)}, set(range(80)), C)
+    return sem + rng.normal(0, 1.0, sem.shape).astype(np.float32), inst + rng.normal(0, 0.2, inst.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("decoder", ["group", "soft_vote"])
+def test_probability_bounds_and_the_exact_fallback_both_match_the_reference(decoder: str, monkeypatch) -> None:
+    """C = 133 with confident logits: the bounds settle most rankings (an image whose scores tie to ~1e-6
+    is recomputed exactly); a slack so wide that they never do forces the exact path; all equal the reference."""
+    import genpan.eval.postprocess as pp
+
+    cats, cfg, seeds = list(range(133)), PostprocessConfig(decoder=decoder), range(4)
+    calls = []
+    real = pp.ExactThingProb.of_image
+    monkeypatch.setattr(pp.ExactThingProb, "of_image", lambda self, *a: calls.append(1) or real(self, *a))
+    for seed in seeds:
+        _assert_identical(*_confident_coco_scene(seed), cfg, cats, set(range(80)))
+    assert len(calls) < len(seeds) / 2  # mostly decided from the bounds
+    calls.clear()
+    monkeypatch.setattr(pp, "SCORE_SLACK", 0.5)
+    for seed in seeds:
+        _assert_identical(*_confident_coco_scene(seed), cfg, cats, set(range(80)))
+    assert len(calls) == len(seeds)  # every ranking left open: exact probabilities
 
 
 # ------------------------------------------------------------------------------------- soft vote
