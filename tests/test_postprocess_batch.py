@@ -68,17 +68,23 @@ def test_equals_reference_on_ideal_and_noisy_outputs(name: str) -> None:
             _assert_identical(noisy_sem, noisy_inst, cfg)
 
 
+def _random_boxes_scene(rng: np.random.Generator, h: int, w: int, boxes: int, box_h: tuple[int, int],
+                        box_w: tuple[int, int]) -> tuple[np.ndarray, list[dict]]:
+    """A stuff background (category 100) under `boxes` random rectangles of random thing categories (< 80)."""
+    pan = np.full((h, w), 1, np.int32)
+    segs = [{"id": 1, "category_id": 100, "iscrowd": 0}]
+    for k in range(boxes):
+        y, x = rng.integers(0, h - 30), rng.integers(0, w - 40)
+        pan[y : y + rng.integers(*box_h), x : x + rng.integers(*box_w)] = 10 + k
+        segs.append({"id": 10 + k, "category_id": int(rng.integers(80)), "iscrowd": 0})
+    return pan, [s for s in segs if (pan == s["id"]).any()]
+
+
 def test_equals_reference_at_coco_size_with_many_blocks() -> None:
     """133 classes (80 things) at 240 × 320: dozens of CPU blocks, ragged thing masks from logit noise."""
     rng = np.random.default_rng(8)
     h, w, C = 240, 320, 133
-    pan = np.full((h, w), 1, np.int32)
-    segs = [{"id": 1, "category_id": 100, "iscrowd": 0}]
-    for k in range(25):
-        y, x = rng.integers(0, h - 30), rng.integers(0, w - 40)
-        pan[y : y + rng.integers(4, 60), x : x + rng.integers(4, 80)] = 10 + k
-        segs.append({"id": 10 + k, "category_id": int(rng.integers(80)), "iscrowd": 0})
-    segs = [s for s in segs if (pan == s["id"]).any()]
+    pan, segs = _random_boxes_scene(rng, h, w, 25, (4, 60), (4, 80))
     cats = list(range(C))
     sem, inst = ideal_outputs(pan, segs, {c: c for c in cats}, set(range(80)), C)
     for sigma in (0.0, 0.2, 0.5):
@@ -203,13 +209,7 @@ def test_rank_from_bounds_equals_rank_of_any_score_inside_or_gives_up() -> None:
 def _confident_coco_scene(seed: int, h: int = 120, w: int = 160, C: int = 133) -> tuple[np.ndarray, np.ndarray]:
     """Ideal outputs of a random 133-class scene with logit noise σ = 1 (well below the logit 20) and code noise 0.2."""
     rng = np.random.default_rng(seed)
-    pan = np.full((h, w), 1, np.int32)
-    segs = [{"id": 1, "category_id": 100, "iscrowd": 0}]
-    for k in range(12):
-        y, x = rng.integers(0, h - 30), rng.integers(0, w - 40)
-        pan[y : y + rng.integers(8, 40), x : x + rng.integers(8, 50)] = 10 + k
-        segs.append({"id": 10 + k, "category_id": int(rng.integers(80)), "iscrowd": 0})
-    segs = [s for s in segs if (pan == s["id"]).any()]
+    pan, segs = _random_boxes_scene(rng, h, w, 12, (8, 40), (8, 50))
     sem, inst = ideal_outputs(pan, segs, {c: c for c in range(C)}, set(range(80)), C)
     return sem + rng.normal(0, 1.0, sem.shape).astype(np.float32), inst + rng.normal(0, 0.2, inst.shape).astype(np.float32)
 
