@@ -232,6 +232,14 @@ def test_probability_bounds_and_the_exact_fallback_both_match_the_reference(deco
     for seed in seeds:
         _assert_identical(*_confident_coco_scene(seed), cfg, cats, set(range(80)))
     assert len(calls) == len(seeds)  # every ranking left open: exact probabilities
+    # one batch: each image's exact fallback reads its own slice of the batch's thing pixels
+    scenes = [_confident_coco_scene(seed) for seed in seeds]
+    batch = postprocess_batch(np.stack([s for s, _ in scenes]), np.stack([e for _, e in scenes]), cats, set(range(80)), cfg)
+    for (sem, inst), (got, got_segs) in zip(scenes, batch):
+        want, want_segs = reference_postprocess(sem, inst, cats, set(range(80)), cfg)
+        np.testing.assert_array_equal(got, want)
+        assert got_segs == want_segs
+    assert len(calls) == 2 * len(seeds)
 
 
 # ------------------------------------------------------------------------------------- soft vote

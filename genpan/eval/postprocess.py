@@ -588,11 +588,12 @@ def _decode_groups(
     min_thing = area_px(cfg.min_thing_area_frac, h, w)
     owner_of_cell = np.full((B, G * G), -1, dtype=np.int64)
     n_inst = []
+    start = np.concatenate([[0], np.cumsum(counts.sum(axis=1))]).tolist()  # image i's thing pixels: [start[i], start[i + 1])
     for i in range(B):
         group_of_cell = _group_cells(counts[i].reshape(G, G), cfg.merge_adjacent, min_dense).reshape(-1)  # −1 = empty
         nms = _nms(group_of_cell, counts[i], prob_lo[i], agree_sum[i], cfg, min_thing, None if thing_prob.exact is None else prob_hi[i])
         if nms is None:
-            exact = _exact_cell_sums(gcell, thing_prob, i, G * G)
+            exact = _exact_cell_sums(gcell, thing_prob, i, G * G, start[i], start[i + 1])
             nms = _nms(group_of_cell, counts[i], exact, agree_sum[i], cfg, min_thing)
         order, masks, _ = nms
         owner_of_cell[i] = _paint(order, masks, counts[i], cfg, min_thing)
@@ -608,15 +609,10 @@ def _cell_sums(index: torch.Tensor, prob: ThingProb, n: int) -> tuple[np.ndarray
     return lo, hi
 
 
-def _image_span(img_of_pixel: torch.Tensor, i: int) -> tuple[int, int]:
-    """[start, end) of image i's thing pixels (image-major)."""
-    return int((img_of_pixel < i).sum()), int((img_of_pixel <= i).sum())
-
-
-def _exact_cell_sums(gcell: torch.Tensor, prob: ThingProb, i: int, n_cells: int) -> np.ndarray:
-    """Σ of image i's exact thing probabilities per cell, summed in pixel order as the batch's bincount."""
-    s, e = _image_span(gcell // n_cells, i)
-    return torch.bincount(gcell[s:e] - i * n_cells, weights=prob.exact(i).double().to(gcell.device), minlength=n_cells).cpu().numpy()
+def _exact_cell_sums(gcell: torch.Tensor, prob: ThingProb, i: int, n_cells: int, start: int, end: int) -> np.ndarray:
+    """Σ of image i's exact thing probabilities per cell, summed in pixel order as the batch's bincount;
+    [start, end) are image i's thing pixels (image-major)."""
+    return torch.bincount(gcell[start:end] - i * n_cells, weights=prob.exact(i).double().to(gcell.device), minlength=n_cells).cpu().numpy()
 
 
 def vote_peaks(votes: torch.Tensor, radius: int, min_mass: float) -> torch.Tensor:
