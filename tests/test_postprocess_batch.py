@@ -194,6 +194,10 @@ def test_rank_from_bounds_equals_rank_of_any_score_inside_or_gives_up() -> None:
         lo, hi = score - rng.random(n) * width, score + rng.random(n) * width
         for threshold, top_k in ((None, 3), (0.1, 5), (0.1, 1)):
             want = rank(score, score, eligible, top_k, threshold)
+            # the obvious definition: best first, ties to the lower index, eligible and over the threshold
+            obvious = [i for i in sorted(range(n), key=lambda i: (-score[i], i))
+                       if eligible[i] and (threshold is None or score[i] >= threshold)][:top_k]
+            assert want.tolist() == obvious
             got = rank(lo, hi, eligible, top_k, threshold)
             if got is not None:
                 np.testing.assert_array_equal(got, want)
