@@ -552,3 +552,40 @@ def test_held_batches_stay_intact_while_the_workers_reuse_buffers(shards):
             for name in ("sem", "ins", "dist"):
                 np.testing.assert_array_equal(batch[name][i, :h, :w].numpy(), want[name], err_msg=f"{key} {name}")
     stream.close()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs Linux /dev/shm")
+def test_a_killed_trainer_leaves_no_shared_memory_behind(shards, tmp_path):
+    """Workers hand batches over by shared-memory file name: the segments outlive no process. SIGKILL the
+    trainer's process while its workers hold full buffers; the workers exit and torch_shm_manager unlinks
+    every segment they made."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal, sys\n"
+        "from genpan.train.data import BatchStream, DataConfig\n"
+        f"cfg = DataConfig(shards={str(shards)!r}, micro_batch=2, size=[56, 56], num_workers=2, shuffle_buffer=8,"
+        " shuffle_initial=4, epoch_size=12)\n"
+        "stream = BatchStream(cfg, seed=0)\n"
+        "held = [next(stream) for _ in range(4)]\n"
+        "print(' '.join(str(w.pid) for w in stream._iterator._workers), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: the workers outlive the process
+        proc = subprocess.run([sys.executable, "-c", script], stdout=stdout, stderr=stderr, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -signal.SIGKILL, err.read_text()[-1500:]
+    pids = out.read_text().split()
+    assert len(pids) == 2
+
+    def segments() -> list[str]:
+        return [p.name for p in Path("/dev/shm").iterdir() if any(p.name.startswith(f"torch_{pid}_") for pid in pids)]
+
+    deadline = time.monotonic() + 30  # a worker notices its parent is gone within 5 s (torch's watchdog)
+    while segments() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert segments() == []
