@@ -38,6 +38,9 @@ from genpan.train.data import BatchStream, DataConfig, resolve_shards
 from genpan.train.losses import LossConfig, compute_losses
 from genpan.train.model import ModelConfig, build_model, tiny_cpu_config
 
+# batches per worker before the loader is timed: each worker has then filled every one of its reused
+# buffers (PREFETCH + 2, genpan/train/data.py) at least once, so the window is the steady state a run lives in
+WARMUP_BATCHES_PER_WORKER = 8
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -201,7 +204,8 @@ def loader_throughput(shards: str, workers: int, batch: int, images: int) -> tup
     cfg = DataConfig(shards=shards, micro_batch=batch, num_workers=workers, shuffle_buffer=64, shuffle_initial=16,
                      epoch_size=100 * images)
     stream = BatchStream(cfg, seed=0)
-    next(stream)  # workers started, buffers filled
+    for _ in range(WARMUP_BATCHES_PER_WORKER * max(workers, 1)):  # workers started, every reused buffer allocated once
+        next(stream)
     pids = [w.pid for w in getattr(stream._iterator, "_workers", [])]
     cpu = sum(map(_process_cpu_s, pids)) + time.process_time()
     start, seen = time.perf_counter(), 0
