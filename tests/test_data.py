@@ -539,6 +539,7 @@ def test_held_batches_stay_intact_while_the_workers_reuse_buffers(shards):
                      epoch_size=12)
     stream = BatchStream(cfg, seed=1)
     held = [next(stream) for _ in range(12)]
+    assert set(held[0]) == {"key", "image", "sem", "ins", "dist", "size", "crowd"}  # the contract's fields, nothing else
     passing = []
     for _ in range(24):
         batch = next(stream)

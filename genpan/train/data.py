@@ -208,7 +208,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             lambda samples: itertools.islice(samples, skip * cfg.micro_batch, None),
             wds.map(partial(parse_sample, depth=cfg.depth)),  # the pixels are decoded into the batch
             wds.batched(cfg.micro_batch, collation_fn=partial(collate, allocate=ring.allocate) if ring else collate, partial=False),
-            *([wds.map(ring.tag)] if ring else []),
+            *([partial(map, ring.tag)] if ring else []),  # not wds.map: it would add a "__key__": None to the batch
         )
         yield from itertools.islice(pipeline, max(0, self.batches_per_worker - skip))
 
