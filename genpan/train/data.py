@@ -227,6 +227,9 @@ def _exit_with(pid: int) -> None:
     """In a DataLoader worker: end this process when the trainer's process `pid` ends. torch's own watchdog
     compares the parent pid, but a forkserver worker's parent is the fork server, which every worker keeps
     alive: a SIGKILLed or OOM-killed trainer would leave its workers (and their shared memory) for ever."""
+    if os.getppid() == pid:  # a direct child (fork, spawn): torch's watchdog sees the trainer go
+        return
+
     def watch() -> None:
         try:
             with os.fdopen(os.pidfd_open(pid), "rb") as handle:  # Linux: readable once the process has ended
