@@ -217,7 +217,7 @@ def _share_batches_by_name() -> None:
     """In a DataLoader worker: hand batches to the trainer's process by shared-memory file name. Under the
     default fd strategy every batch's fd travels over a fresh authenticated socket connection to the
     worker's resource-sharer thread; by name, the trainer opens the segment itself. Worker + trainer CPU
-    per small image 1.07-1.15 -> 0.89-0.96 ms (docs/performance.md). The process is ours, so the
+    per small image 1.07-1.32 -> 0.89-1.23 ms over alternated runs (docs/performance.md). The process is ours, so the
     process-wide setting touches nothing else; torch_shm_manager unlinks the segments of a killed worker."""
     if "file_system" in torch.multiprocessing.get_all_sharing_strategies():
         torch.multiprocessing.set_sharing_strategy("file_system")
